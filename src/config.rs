@@ -1,0 +1,498 @@
+//! Configuration: built-in defaults, then a TOML file, then environment variables.
+//!
+//! Every key of the file can be overridden by an environment variable named
+//! `FRAUDSTREAM__` + the key path, upper-cased, with `__` between table and key and `_` for
+//! the `-` inside a key: `group-id` is `FRAUDSTREAM__GROUP_ID`, `[topics] verdicts` is
+//! `FRAUDSTREAM__TOPICS__VERDICTS`. In the librdkafka pass-through tables (`[kafka]`,
+//! `[kafka-consumer]`, `[kafka-producer]`) the `_` stands for `.`:
+//! `FRAUDSTREAM__KAFKA__FETCH_WAIT_MAX_MS=10` sets `fetch.wait.max.ms`.
+//!
+//! Unknown keys, in the file or from the environment, are an error that names the key.
+//! This module owns parsing and validation only; it opens no files other than the config.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The environment prefix for configuration overrides.
+pub const ENV_PREFIX: &str = "FRAUDSTREAM__";
+
+/// Tables whose keys are librdkafka property names (with dots), passed through unchanged.
+const PASSTHROUGH_TABLES: [&str; 3] = ["kafka", "kafka-consumer", "kafka-producer"];
+
+/// Why the configuration could not be loaded. Always fatal: fix the file or environment.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The validated settings of one fraudstream instance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Settings {
+    /// Kafka bootstrap servers, comma separated (librdkafka `bootstrap.servers`).
+    pub brokers: String,
+    /// Consumer group: instances with the same id share the transactions topic's partitions.
+    pub group_id: String,
+    /// Topic names.
+    pub topics: Topics,
+    /// Which model scores, and where ONNX Runtime is.
+    pub model: ModelSettings,
+    /// How input messages are decoded and bounded.
+    pub input: InputSettings,
+    /// How verdicts are encoded.
+    pub output: OutputSettings,
+    /// Micro-batching: the unit of scoring, producing and offset storage.
+    pub batch: BatchSettings,
+    /// The HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
+    pub metrics: MetricsSettings,
+    /// librdkafka properties for both the consumer and the producer.
+    pub kafka: BTreeMap<String, KafkaValue>,
+    /// librdkafka properties for the consumer only (applied after `[kafka]`).
+    pub kafka_consumer: BTreeMap<String, KafkaValue>,
+    /// librdkafka properties for the producer only (applied after `[kafka]`).
+    pub kafka_producer: BTreeMap<String, KafkaValue>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "fraudstream".into(),
+            topics: Topics::default(),
+            model: ModelSettings::default(),
+            input: InputSettings::default(),
+            output: OutputSettings::default(),
+            batch: BatchSettings::default(),
+            metrics: MetricsSettings::default(),
+            kafka: BTreeMap::new(),
+            kafka_consumer: BTreeMap::new(),
+            kafka_producer: BTreeMap::new(),
+        }
+    }
+}
+
+/// Topic names. `navigation`, `labels` and `blocklist` are reserved for the stateful
+/// features; only `transactions`, `verdicts` and `dead-letter` are used so far.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Topics {
+    pub transactions: String,
+    pub navigation: String,
+    pub labels: String,
+    pub blocklist: String,
+    pub verdicts: String,
+    pub dead_letter: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics {
+            transactions: "transactions".into(),
+            navigation: "navigation".into(),
+            labels: "labels".into(),
+            blocklist: "blocklist".into(),
+            verdicts: "verdicts".into(),
+            dead_letter: "fraudstream-dlq".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct ModelSettings {
+    /// The model manifest (JSON); the ONNX file it names is found beside it.
+    pub manifest: PathBuf,
+    /// `libonnxruntime.so`. When unset, the `ORT_DYLIB_PATH` environment variable is used.
+    pub onnxruntime_library: Option<PathBuf>,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        ModelSettings {
+            manifest: PathBuf::from("models/ulb-xgb.manifest.json"),
+            onnxruntime_library: None,
+        }
+    }
+}
+
+/// How the bytes of a transaction are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InputFormat {
+    /// JSON if the first non-blank byte is `{`, Confluent Avro if it is the magic byte 0,
+    /// otherwise a plain Avro datum.
+    Auto,
+    Json,
+    /// A plain Avro datum written with `schemas/transaction.avsc`.
+    Avro,
+    /// Magic byte 0, a 4-byte big-endian schema id, then an Avro datum.
+    ConfluentAvro,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct InputSettings {
+    pub format: InputFormat,
+    /// Larger messages are dead-lettered without being parsed.
+    pub max_message_bytes: usize,
+    /// Confluent wire-format schema ids and the writer schema (`.avsc` path) each stands for.
+    /// Records are resolved from the writer schema to fraudstream's Transaction schema, so
+    /// compatible evolutions (added optional fields, reordering) decode. When empty, id 1 is
+    /// fraudstream's own Transaction schema.
+    pub schema_ids: BTreeMap<String, PathBuf>,
+}
+
+impl Default for InputSettings {
+    fn default() -> Self {
+        InputSettings {
+            format: InputFormat::Auto,
+            max_message_bytes: 64 * 1024,
+            schema_ids: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerdictFormat {
+    Json,
+    /// A plain Avro datum of `schemas/verdict.avsc`, or the Confluent wire format when
+    /// `verdict-schema-id` is set.
+    Avro,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct OutputSettings {
+    pub verdict_format: VerdictFormat,
+    /// With `verdict-format = "avro"`: prefix each verdict with the Confluent magic byte
+    /// and this schema id.
+    pub verdict_schema_id: Option<u32>,
+}
+
+impl Default for OutputSettings {
+    fn default() -> Self {
+        OutputSettings {
+            verdict_format: VerdictFormat::Json,
+            verdict_schema_id: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct BatchSettings {
+    /// Most messages taken from the consumer per batch.
+    pub max_records: usize,
+    /// How long a batch waits to fill once its first message arrived.
+    pub max_wait_ms: u64,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        BatchSettings {
+            max_records: 1000,
+            max_wait_ms: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct MetricsSettings {
+    /// Address of the HTTP endpoint; port 0 picks a free port (logged at start).
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// A librdkafka property value. librdkafka takes strings; numbers and booleans are accepted
+/// in TOML for convenience and passed on as their text.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum KafkaValue {
+    Text(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl std::fmt::Display for KafkaValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KafkaValue::Text(s) => f.write_str(s),
+            KafkaValue::Integer(i) => write!(f, "{i}"),
+            KafkaValue::Float(x) => write!(f, "{x}"),
+            KafkaValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then `path` (if any), then the `FRAUDSTREAM__*` variables of `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let (mut table, origin) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    origin: format!(" file {}", p.display()),
+                    message: e.message().to_string(),
+                })?;
+                (table, format!(" file {}", p.display()))
+            }
+            None => (toml::Table::new(), String::new()),
+        };
+        let mut overridden = Vec::new();
+        for (var, value) in env {
+            let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            apply_env(&mut table, rest, &value).map_err(|message| ConfigError::Env {
+                var: var.clone(),
+                message,
+            })?;
+            overridden.push(var);
+        }
+        let settings: Settings = table.try_into().map_err(|e: toml::de::Error| {
+            let mut origin = origin.clone();
+            if !overridden.is_empty() {
+                origin.push_str(&format!(" (with environment {})", overridden.join(", ")));
+            }
+            ConfigError::Parse {
+                origin,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what serde cannot: ranges and relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.brokers.trim().is_empty() {
+            return bad("`brokers` is empty".into());
+        }
+        if self.group_id.trim().is_empty() {
+            return bad("`group-id` is empty".into());
+        }
+        let t = &self.topics;
+        for (key, name) in [
+            ("transactions", &t.transactions),
+            ("verdicts", &t.verdicts),
+            ("dead-letter", &t.dead_letter),
+        ] {
+            if name.trim().is_empty() {
+                return bad(format!("`topics.{key}` is empty"));
+            }
+        }
+        if t.transactions == t.verdicts || t.transactions == t.dead_letter {
+            return bad("`topics.transactions` must differ from the output topics".into());
+        }
+        if self.batch.max_records == 0 {
+            return bad("`batch.max-records` must be at least 1".into());
+        }
+        if self.input.max_message_bytes == 0 {
+            return bad("`input.max-message-bytes` must be at least 1".into());
+        }
+        for id in self.input.schema_ids.keys() {
+            if id.parse::<u32>().is_err() {
+                return bad(format!(
+                    "`input.schema-ids` key `{id}` is not a schema id (an unsigned integer)"
+                ));
+            }
+        }
+        if self.output.verdict_schema_id.is_some()
+            && self.output.verdict_format != VerdictFormat::Avro
+        {
+            return bad(
+                "`output.verdict-schema-id` needs `output.verdict-format = \"avro\"`".into(),
+            );
+        }
+        for key in ["bootstrap.servers", "group.id"] {
+            for (table, map) in [
+                ("kafka", &self.kafka),
+                ("kafka-consumer", &self.kafka_consumer),
+                ("kafka-producer", &self.kafka_producer),
+            ] {
+                if map.contains_key(key) {
+                    let own = if key == "group.id" {
+                        "group-id"
+                    } else {
+                        "brokers"
+                    };
+                    return bad(format!("set `{own}` instead of `{table}.\"{key}\"`"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The ONNX Runtime library: the config key, else `ORT_DYLIB_PATH`.
+    pub fn onnxruntime_library(&self) -> Option<PathBuf> {
+        self.model
+            .onnxruntime_library
+            .clone()
+            .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+    }
+}
+
+/// Sets the value named by an environment variable's key path (`TOPICS__VERDICTS`).
+fn apply_env(table: &mut toml::Table, path: &str, value: &str) -> Result<(), String> {
+    let segments: Vec<&str> = path.split("__").collect();
+    if segments.iter().any(|s| s.is_empty()) {
+        return Err("empty key segment (use `__` only between table and key)".into());
+    }
+    let mut current = table;
+    let mut parent_is_passthrough = false;
+    for (i, raw) in segments.iter().enumerate() {
+        let key = if parent_is_passthrough {
+            raw.to_ascii_lowercase().replace('_', ".")
+        } else {
+            raw.to_ascii_lowercase().replace('_', "-")
+        };
+        if i + 1 == segments.len() {
+            let parsed = if parent_is_passthrough {
+                toml::Value::String(value.to_string())
+            } else {
+                parse_env_value(value)
+            };
+            current.insert(key, parsed);
+            return Ok(());
+        }
+        parent_is_passthrough = i == 0 && PASSTHROUGH_TABLES.contains(&key.as_str());
+        let entry = current
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(format!("`{key}` is a value, not a table")),
+        };
+    }
+    Ok(())
+}
+
+/// Reads an environment value as a TOML value when it is one (`10`, `true`, `{ 1 = "a" }`),
+/// otherwise as a string, so `FRAUDSTREAM__BROKERS=host:9092` needs no quotes.
+fn parse_env_value(value: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let dir = std::env::temp_dir().join(format!(
+            "fraudstream-config-{}-{}",
+            std::process::id(),
+            text.len()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        Settings::load(
+            Some(&path),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid_and_documented_values() {
+        let s = Settings::load(None, Vec::new()).unwrap();
+        assert_eq!(s.topics.transactions, "transactions");
+        assert_eq!(s.topics.dead_letter, "fraudstream-dlq");
+        assert_eq!(s.metrics.listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(s.input.format, InputFormat::Auto);
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_named() {
+        let err = load_str("brokers = \"x:1\"\n[topics]\nverdict = \"v\"\n", &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("unknown field `verdict`"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_key_from_environment_is_named() {
+        let err = Settings::load(
+            None,
+            vec![("FRAUDSTREAM__TOPICS__VERDICT".into(), "v".into())],
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("unknown field `verdict`"), "{msg}");
+        assert!(msg.contains("FRAUDSTREAM__TOPICS__VERDICT"), "{msg}");
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let s = load_str(
+            "group-id = \"a\"\n[batch]\nmax-records = 10\n[kafka]\n\"fetch.wait.max.ms\" = 500\n",
+            &[
+                ("FRAUDSTREAM__GROUP_ID", "b"),
+                ("FRAUDSTREAM__BATCH__MAX_RECORDS", "20"),
+                ("FRAUDSTREAM__KAFKA__FETCH_WAIT_MAX_MS", "10"),
+                ("FRAUDSTREAM__TOPICS__DEAD_LETTER", "dlq"),
+                ("FRAUDSTREAM__BROKERS", "h:9092"),
+                ("OTHER", "ignored"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.group_id, "b");
+        assert_eq!(s.batch.max_records, 20);
+        assert_eq!(s.kafka["fetch.wait.max.ms"].to_string(), "10");
+        assert_eq!(s.topics.dead_letter, "dlq");
+        assert_eq!(s.brokers, "h:9092");
+    }
+
+    #[test]
+    fn wrong_type_is_an_error() {
+        let err = load_str("[batch]\nmax-records = \"many\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("invalid type"), "{err}");
+    }
+
+    #[test]
+    fn relations_are_checked() {
+        let err = load_str("[output]\nverdict-schema-id = 3\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("verdict-schema-id"), "{err}");
+        let err = load_str("[kafka]\n\"group.id\" = \"x\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("group-id"), "{err}");
+        let err = load_str("[input.schema-ids]\nabc = \"x.avsc\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("abc"), "{err}");
+    }
+
+    #[test]
+    fn shipped_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/fraudstream.toml");
+        Settings::load(Some(&path), Vec::new()).unwrap();
+    }
+}

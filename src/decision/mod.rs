@@ -1,0 +1,302 @@
+//! Score + thresholds → [`Verdict`], and the verdict's JSON and Avro encodings. Pure.
+//!
+//! For now the decision is the model's thresholds alone: `decline` at or above the decline
+//! threshold, `review` at or above the review threshold, `approve` below. Rules, reasons and
+//! degraded mode build on this.
+
+use apache_avro::types::Value;
+use serde::{Deserialize, Serialize};
+
+use crate::decode::{verdict_schema, Transaction};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    Approve,
+    Review,
+    Decline,
+}
+
+impl Decision {
+    pub const ALL: [Decision; 3] = [Decision::Approve, Decision::Review, Decision::Decline];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Approve => "approve",
+            Decision::Review => "review",
+            Decision::Decline => "decline",
+        }
+    }
+
+    fn avro_index(self) -> u32 {
+        match self {
+            Decision::Approve => 0,
+            Decision::Review => 1,
+            Decision::Decline => 2,
+        }
+    }
+}
+
+/// Score thresholds from the model manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Thresholds {
+    /// Scores at or above this (and below `decline`) are sent to review.
+    pub review: f64,
+    /// Scores at or above this are declined.
+    pub decline: f64,
+}
+
+impl Thresholds {
+    pub fn check(&self) -> Result<(), String> {
+        let ok = |x: f64| x.is_finite() && (0.0..=1.0).contains(&x);
+        if !ok(self.review) || !ok(self.decline) || self.review > self.decline {
+            return Err(format!(
+                "thresholds must satisfy 0 <= review <= decline <= 1, got review {} decline {}",
+                self.review, self.decline
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn decide(&self, score: f32) -> Decision {
+        let s = f64::from(score);
+        if s >= self.decline {
+            Decision::Decline
+        } else if s >= self.review {
+            Decision::Review
+        } else {
+            Decision::Approve
+        }
+    }
+}
+
+/// Why a verdict came out as it did: a stable code and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reason {
+    pub code: String,
+    pub text: String,
+}
+
+/// fraudstream's answer for one transaction (`schemas/verdict.avsc`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub transaction_id: String,
+    pub customer_id: String,
+    pub score: f32,
+    pub decision: Decision,
+    pub model_version: String,
+    /// RFC 3339 in JSON; epoch milliseconds in Avro.
+    #[serde(with = "rfc3339_ms")]
+    pub event_time: i64,
+    /// When fraudstream decided: the only field that differs when a transaction is replayed.
+    #[serde(with = "rfc3339_ms")]
+    pub scored_at: i64,
+    pub degraded: bool,
+    pub reasons: Vec<Reason>,
+}
+
+impl Verdict {
+    pub fn new(
+        tx: &Transaction,
+        score: f32,
+        thresholds: &Thresholds,
+        model_version: &str,
+        scored_at: i64,
+    ) -> Verdict {
+        Verdict {
+            transaction_id: tx.transaction_id.clone(),
+            customer_id: tx.customer_id.clone(),
+            score,
+            decision: thresholds.decide(score),
+            model_version: model_version.to_string(),
+            event_time: tx.event_time_ms,
+            scored_at,
+            degraded: false,
+            reasons: Vec::new(),
+        }
+    }
+
+    /// Appends the JSON encoding to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        serde_json::to_writer(out, self).expect("a Verdict always serializes");
+    }
+
+    /// Appends the Avro encoding to `out`: the Confluent wire format when `schema_id` is set,
+    /// else a plain datum.
+    pub fn write_avro(&self, schema_id: Option<u32>, out: &mut Vec<u8>) {
+        if let Some(id) = schema_id {
+            out.push(0);
+            out.extend_from_slice(&id.to_be_bytes());
+        }
+        let value = Value::Record(vec![
+            (
+                "transaction_id".into(),
+                Value::String(self.transaction_id.clone()),
+            ),
+            (
+                "customer_id".into(),
+                Value::String(self.customer_id.clone()),
+            ),
+            ("score".into(), Value::Double(f64::from(self.score))),
+            (
+                "decision".into(),
+                Value::Enum(self.decision.avro_index(), self.decision.as_str().into()),
+            ),
+            (
+                "model_version".into(),
+                Value::String(self.model_version.clone()),
+            ),
+            ("event_time".into(), Value::TimestampMillis(self.event_time)),
+            ("scored_at".into(), Value::TimestampMillis(self.scored_at)),
+            ("degraded".into(), Value::Boolean(self.degraded)),
+            (
+                "reasons".into(),
+                Value::Array(
+                    self.reasons
+                        .iter()
+                        .map(|r| {
+                            Value::Record(vec![
+                                ("code".into(), Value::String(r.code.clone())),
+                                ("text".into(), Value::String(r.text.clone())),
+                            ])
+                        })
+                        .collect(),
+                ),
+            ),
+        ]);
+        let datum = apache_avro::to_avro_datum(verdict_schema(), value)
+            .expect("a Verdict value always matches its schema");
+        out.extend_from_slice(&datum);
+    }
+
+    /// Decodes a plain Avro datum (tests and clients written in Rust).
+    pub fn from_avro(bytes: &[u8]) -> Result<Verdict, String> {
+        let value = apache_avro::from_avro_datum(verdict_schema(), &mut &bytes[..], None)
+            .map_err(|e| e.to_string())?;
+        apache_avro::from_value::<AvroVerdict>(&value)
+            .map(Verdict::from)
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Deserialize)]
+struct AvroVerdict {
+    transaction_id: String,
+    customer_id: String,
+    score: f64,
+    decision: Decision,
+    model_version: String,
+    event_time: i64,
+    scored_at: i64,
+    degraded: bool,
+    reasons: Vec<Reason>,
+}
+
+impl From<AvroVerdict> for Verdict {
+    fn from(a: AvroVerdict) -> Verdict {
+        Verdict {
+            transaction_id: a.transaction_id,
+            customer_id: a.customer_id,
+            score: a.score as f32,
+            decision: a.decision,
+            model_version: a.model_version,
+            event_time: a.event_time,
+            scored_at: a.scored_at,
+            degraded: a.degraded,
+            reasons: a.reasons,
+        }
+    }
+}
+
+/// Epoch milliseconds as RFC 3339 text with millisecond precision, in UTC.
+pub mod rfc3339_ms {
+    use serde::{de, Deserialize, Deserializer, Serializer};
+
+    pub fn format(ms: i64) -> String {
+        let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let f = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        );
+        t.format(&f).unwrap_or_default()
+    }
+
+    pub fn serialize<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*ms))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        let text = String::deserialize(d)?;
+        crate::decode::parse_rfc3339_ms(&text)
+            .ok_or_else(|| de::Error::custom(format!("{text:?} is not RFC 3339")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Thresholds = Thresholds {
+        review: 0.2,
+        decline: 0.8,
+    };
+
+    #[test]
+    fn thresholds_are_inclusive_lower_bounds() {
+        assert_eq!(T.decide(0.0), Decision::Approve);
+        assert_eq!(T.decide(0.199), Decision::Approve);
+        assert_eq!(T.decide(0.2), Decision::Review);
+        assert_eq!(T.decide(0.79), Decision::Review);
+        assert_eq!(T.decide(0.8), Decision::Decline);
+        assert_eq!(T.decide(1.0), Decision::Decline);
+    }
+
+    #[test]
+    fn thresholds_are_checked() {
+        assert!(T.check().is_ok());
+        for (review, decline) in [(0.9, 0.1), (-0.1, 0.5), (0.1, 1.5), (f64::NAN, 0.5)] {
+            assert!(Thresholds { review, decline }.check().is_err());
+        }
+    }
+
+    fn verdict() -> Verdict {
+        let tx = Transaction {
+            transaction_id: "t1".into(),
+            customer_id: "c1".into(),
+            event_time_ms: 1_795_341_600_250,
+            ..Transaction::default()
+        };
+        Verdict::new(&tx, 0.5, &T, "m-1", 1_795_341_600_300)
+    }
+
+    #[test]
+    fn json_shape() {
+        let mut out = Vec::new();
+        verdict().write_json(&mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["decision"], "review");
+        assert_eq!(v["event_time"], "2026-11-22T10:00:00.250Z");
+        assert_eq!(v["scored_at"], "2026-11-22T10:00:00.300Z");
+        assert_eq!(v["degraded"], false);
+        assert_eq!(v["reasons"], serde_json::json!([]));
+        let back: Verdict = serde_json::from_slice(&out).unwrap();
+        assert_eq!(back, verdict());
+    }
+
+    #[test]
+    fn avro_round_trip() {
+        let mut v = verdict();
+        v.reasons.push(Reason {
+            code: "x".into(),
+            text: "y".into(),
+        });
+        let mut out = Vec::new();
+        v.write_avro(None, &mut out);
+        assert_eq!(Verdict::from_avro(&out).unwrap(), v);
+        let mut wire = Vec::new();
+        v.write_avro(Some(9), &mut wire);
+        assert_eq!(&wire[..5], &[0, 0, 0, 0, 9]);
+        assert_eq!(&wire[5..], &out[..]);
+    }
+}

@@ -1,0 +1,112 @@
+//! The `fraudstream` binary: parses flags, loads settings, runs the library, maps the
+//! outcome to an exit code (0 clean shutdown, 1 runtime failure, 2 bad configuration).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use fraudstream::config::Settings;
+
+#[derive(Parser)]
+#[command(
+    name = "fraudstream",
+    version,
+    about = "Scores payment transactions for fraud as they stream through Kafka."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume transactions, publish verdicts, until SIGTERM or SIGINT.
+    Run {
+        /// TOML configuration (see docs/fraudstream.toml). FRAUDSTREAM__* variables override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Load and check the configuration and print it, resolved, then exit.
+    CheckConfig {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let (config, run) = match &cli.command {
+        Command::Run { config } => (config, true),
+        Command::CheckConfig { config } => (config, false),
+    };
+    let settings = match Settings::load(config.as_deref(), std::env::vars()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !run {
+        println!("{settings:#?}");
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        fraudstream::pipeline::run(settings, shutdown).await
+    });
+    match result {
+        Ok(()) => {
+            tracing::info!("Stopped cleanly.");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "Stopped on a fatal error.");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT; a second one exits at once.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("Cannot listen for signals; stop with SIGKILL.");
+        return;
+    };
+    for n in 0.. {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if n == 0 {
+            tracing::info!("Signal received; finishing the batch in hand, then stopping.");
+            shutdown.cancel();
+        } else {
+            tracing::warn!("Second signal; exiting without draining.");
+            std::process::exit(130);
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Metric names and the HTTP endpoint that serves `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Names follow Prometheus conventions: `fraudstream_` prefix, base units, `_total` on
+//! counters, `_seconds` histograms with explicit buckets. Labels are bounded: topic,
+//! decision, error kind; never an entity or transaction id.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Counter, label `topic`: messages taken from an input topic.
+pub const MESSAGES_CONSUMED: &str = "fraudstream_messages_consumed_total";
+/// Counter, label `decision`: verdicts acknowledged by the broker.
+pub const VERDICTS: &str = "fraudstream_verdicts_total";
+/// Counter, label `kind`: messages sent to the dead-letter topic.
+pub const DEAD_LETTERS: &str = "fraudstream_dead_letters_total";
+/// Histogram: seconds ONNX Runtime took per micro-batch.
+pub const SCORING_DURATION: &str = "fraudstream_scoring_duration_seconds";
+/// Histogram: rows per scored micro-batch.
+pub const SCORING_BATCH_ROWS: &str = "fraudstream_scoring_batch_rows";
+/// Histogram: verdict acknowledged − transaction event time, in seconds.
+pub const END_TO_END_LATENCY: &str = "fraudstream_end_to_end_latency_seconds";
+/// Histogram: seconds from the first message of a batch to its offsets being stored.
+pub const BATCH_DURATION: &str = "fraudstream_batch_duration_seconds";
+/// Counter: produce attempts that failed and were retried.
+pub const PRODUCE_RETRIES: &str = "fraudstream_produce_retries_total";
+/// Gauge: partitions of the transactions topic assigned to this instance.
+pub const ASSIGNED_PARTITIONS: &str = "fraudstream_assigned_partitions";
+
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+const SCORING_BUCKETS: [f64; 12] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+];
+const ROW_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
+
+/// Installs the global Prometheus recorder and describes every metric.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(END_TO_END_LATENCY.into()), &LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(BATCH_DURATION.into()), &LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(SCORING_DURATION.into()), &SCORING_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(SCORING_BATCH_ROWS.into()), &ROW_BUCKETS)?
+        .install_recorder()?;
+    metrics::describe_counter!(MESSAGES_CONSUMED, "Messages taken from an input topic.");
+    metrics::describe_counter!(
+        VERDICTS,
+        "Verdicts acknowledged by the broker, by decision."
+    );
+    metrics::describe_counter!(
+        DEAD_LETTERS,
+        "Messages sent to the dead-letter topic, by error kind."
+    );
+    metrics::describe_histogram!(
+        SCORING_DURATION,
+        metrics::Unit::Seconds,
+        "ONNX Runtime time per micro-batch."
+    );
+    metrics::describe_histogram!(SCORING_BATCH_ROWS, "Rows per scored micro-batch.");
+    metrics::describe_histogram!(
+        END_TO_END_LATENCY,
+        metrics::Unit::Seconds,
+        "Verdict acknowledged minus transaction event time."
+    );
+    metrics::describe_histogram!(
+        BATCH_DURATION,
+        metrics::Unit::Seconds,
+        "First message of a batch to offsets stored."
+    );
+    metrics::describe_counter!(
+        PRODUCE_RETRIES,
+        "Produce attempts that failed and were retried."
+    );
+    metrics::describe_gauge!(
+        ASSIGNED_PARTITIONS,
+        "Partitions of the transactions topic assigned here."
+    );
+    Ok(handle)
+}
+
+/// Whether this instance should receive traffic: set while partitions are assigned.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Binds the endpoint; returns the bound address (useful with port 0) and the serving task.
+pub async fn serve(
+    addr: SocketAddr,
+    handle: PrometheusHandle,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let mut upkeep = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = upkeep.tick() => handle.run_upkeep(),
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let handle = handle.clone();
+                    let readiness = readiness.clone();
+                    tokio::spawn(async move {
+                        let _ = respond(stream, &handle, &readiness).await;
+                    });
+                }
+            }
+        }
+    });
+    Ok((bound, task))
+}
+
+/// A minimal HTTP/1.1 responder: one request per connection, GET only.
+async fn respond(
+    mut stream: tokio::net::TcpStream,
+    handle: &PrometheusHandle,
+    readiness: &Readiness,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    // Read until the end of the request head (or 4 KiB, or 2 s).
+    let read = async {
+        loop {
+            let n = stream.read(&mut buf[len..]).await?;
+            len += n;
+            if n == 0 || len == buf.len() || buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                return Ok::<_, std::io::Error>(());
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .is_err()
+    {
+        return Ok(());
+    }
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let mut parts = head.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        ("GET", "/readyz") if readiness.get() => ("200 OK", "text/plain", "ready\n".to_string()),
+        ("GET", "/readyz") => (
+            "503 Service Unavailable",
+            "text/plain",
+            "not ready: no partitions assigned\n".to_string(),
+        ),
+        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_string(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
