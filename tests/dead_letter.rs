@@ -1,0 +1,216 @@
+//! Every kind of bad input goes to the dead-letter topic unchanged, with its reason and
+//! origin in headers; its valid neighbours are scored; the consumer keeps running.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use fraudstream::decode::{encode_transaction, Transaction};
+use rdkafka::message::Message;
+
+use crate::util::*;
+
+fn avro_tx(amount: f64, id: &str) -> Vec<u8> {
+    encode_transaction(&Transaction {
+        transaction_id: id.into(),
+        event_time_ms: 1_795_341_600_000,
+        customer_id: "c-avro".into(),
+        merchant_id: "m".into(),
+        amount,
+        currency: "EUR".into(),
+        features: Some(vec![0.0; 30]),
+        ..Transaction::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_malformed_kind_is_dead_lettered_and_neighbours_scored() {
+    let t = topics("dlq", 2).await;
+    let rows = sample();
+    let good = |i: usize| rows[i].json(&format!("g{i}"), &format!("c{i}"), 1_795_341_600_000);
+    let valid_avro = avro_tx(10.0, "x");
+    let mut unknown_id = vec![0, 0, 0, 0, 99];
+    unknown_id.extend_from_slice(&valid_avro);
+    let short_features = {
+        let mut r = rows[0].clone();
+        r.features_text.pop();
+        r.json("short", "c", 1_795_341_600_000)
+    };
+    let no_features = good(0).replace(
+        &format!(",\"features\":[{}]", rows[0].features_text.join(",")),
+        "",
+    );
+    assert!(!no_features.contains("features"));
+
+    let bad: Vec<(&str, Option<Vec<u8>>)> = vec![
+        ("malformed-json", Some(b"hello, this is not JSON".to_vec())),
+        ("malformed-json", Some(br#"{"transaction_id": "#.to_vec())),
+        (
+            "wrong-type",
+            Some(
+                good(1)
+                    .replace("\"currency\":\"EUR\"", "\"currency\":7")
+                    .into_bytes(),
+            ),
+        ),
+        (
+            "missing-field",
+            Some(good(2).replace("\"customer_id\":\"c2\",", "").into_bytes()),
+        ),
+        ("missing-field", Some(no_features.into_bytes())),
+        ("invalid-amount", Some(avro_tx(f64::NAN, "nan"))),
+        ("invalid-amount", Some(avro_tx(f64::INFINITY, "inf"))),
+        (
+            "invalid-value",
+            Some(
+                good(3)
+                    .replace(
+                        &format!("\"amount\":{}", rows[3].amount()),
+                        "\"amount\":1e999",
+                    )
+                    .into_bytes(),
+            ),
+        ),
+        (
+            "invalid-amount",
+            Some(
+                good(4)
+                    .replace(
+                        &format!("\"amount\":{}", rows[4].amount()),
+                        "\"amount\":-3.5",
+                    )
+                    .into_bytes(),
+            ),
+        ),
+        ("feature-length", Some(short_features.into_bytes())),
+        (
+            "avro-decode",
+            Some(valid_avro[..valid_avro.len() - 9].to_vec()),
+        ),
+        ("unknown-schema-id", Some(unknown_id)),
+        (
+            "oversized",
+            Some(format!("{{\"pad\":\"{}\"}}", "x".repeat(100_000)).into_bytes()),
+        ),
+        ("empty", Some(Vec::new())),
+        ("empty", None),
+    ];
+    for (kind, payload) in &bad {
+        if let Some(p) = payload {
+            assert!(
+                p.len() > 60_000 || *kind != "oversized",
+                "the oversized case must exceed the limit"
+            );
+        }
+    }
+
+    // good, bad, good, bad, ..., good — keyed so both partitions see some of each.
+    let p = producer();
+    // (partition, offset) of each bad message → (expected kind, payload, key).
+    type Origin<'a> = HashMap<(i32, i64), (&'a str, Option<Vec<u8>>, Vec<u8>)>;
+    let mut origin: Origin = HashMap::new();
+    let mut good_ids = Vec::new();
+    for (i, (kind, payload)) in bad.iter().enumerate() {
+        let g = good(10 + i);
+        send(
+            &p,
+            &t.transactions,
+            Some(format!("k{i}").as_bytes()),
+            Some(g.as_bytes()),
+        )
+        .await;
+        good_ids.push(format!("g{}", 10 + i));
+        let key = format!("bad-{i}").into_bytes();
+        let at = send(&p, &t.transactions, Some(&key), payload.as_deref()).await;
+        origin.insert(at, (kind, payload.clone(), key));
+    }
+    send(
+        &p,
+        &t.transactions,
+        Some(b"last"),
+        Some(good(99).as_bytes()),
+    )
+    .await;
+    good_ids.push("g99".into());
+
+    let mut scorer = Scorer::start(&t, &[]);
+    let mut dlq = Reader::new(&t.dead_letter);
+    let mut verdicts = Reader::new(&t.verdicts);
+    assert!(
+        dlq.read_until(Duration::from_secs(60), |m| m.len() >= bad.len())
+            .await,
+        "dead letters: {} of {}; log:\n{}",
+        dlq.messages.len(),
+        bad.len(),
+        scorer.log_text()
+    );
+    assert!(
+        verdicts
+            .read_until(Duration::from_secs(30), |m| m.len() >= good_ids.len())
+            .await
+    );
+    dlq.drain_for(Duration::from_secs(2)).await;
+    assert_eq!(dlq.messages.len(), bad.len());
+
+    let mut kinds_seen = HashMap::new();
+    for m in &dlq.messages {
+        let partition: i32 = header(m, "fraudstream.source.partition")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let offset: i64 = header(m, "fraudstream.source.offset")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let (kind, payload, key) = origin.get(&(partition, offset)).unwrap_or_else(|| {
+            panic!("dead letter points at {partition}/{offset}, not a bad message")
+        });
+        assert_eq!(header(m, "fraudstream.error.kind").as_deref(), Some(*kind));
+        assert_eq!(
+            header(m, "fraudstream.source.topic").as_deref(),
+            Some(t.transactions.as_str())
+        );
+        let message = header(m, "fraudstream.error.message").unwrap();
+        assert!(message.len() > 5, "readable message: {message:?}");
+        assert_eq!(
+            m.payload(),
+            payload.as_deref(),
+            "payload unchanged for {kind}"
+        );
+        assert_eq!(m.key(), Some(key.as_slice()), "key unchanged");
+        *kinds_seen.entry(kind.to_string()).or_insert(0) += 1;
+    }
+
+    let by_id = verdicts_by_id(&verdicts.messages);
+    for id in &good_ids {
+        assert!(by_id.contains_key(id), "no verdict for {id}");
+    }
+    assert!(
+        scorer.running(),
+        "the consumer stopped; log:\n{}",
+        scorer.log_text()
+    );
+
+    // Still consuming after all that.
+    send(
+        &p,
+        &t.transactions,
+        Some(b"after"),
+        Some(good(200).as_bytes()),
+    )
+    .await;
+    assert!(
+        verdicts
+            .read_until(Duration::from_secs(30), |m| m
+                .iter()
+                .any(|m| m.key() == Some(b"g200")))
+            .await
+    );
+
+    let (_, metrics) = scorer.http_get("/metrics").await;
+    for (kind, n) in kinds_seen {
+        let line = format!("fraudstream_dead_letters_total{{kind=\"{kind}\"}} {n}");
+        assert!(metrics.contains(&line), "missing `{line}` in:\n{metrics}");
+    }
+    scorer.signal("TERM");
+    assert!(scorer.wait(Duration::from_secs(30)).success());
+}

@@ -1,0 +1,174 @@
+//! Valid transactions in, exactly one verdict each out, in JSON and in Avro.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use fraudstream::decision::{Decision, Verdict};
+use fraudstream::decode::{encode_transaction, Transaction};
+use rdkafka::message::Message;
+
+use crate::util::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn n_valid_transactions_give_n_verdicts() {
+    let t = topics("scoring", 3).await;
+    let rows = sample();
+    let n = 600;
+    let now = fraudstream::pipeline::now_ms();
+    let records: Vec<(String, Vec<u8>)> = rows
+        .iter()
+        .cycle()
+        .take(n)
+        .enumerate()
+        .map(|(i, r)| {
+            let customer = format!("c{}", i % 50);
+            (
+                customer.clone(),
+                r.json(&format!("t{i}"), &customer, now + i as i64)
+                    .into_bytes(),
+            )
+        })
+        .collect();
+    send_all(&producer(), &t.transactions, &records).await;
+
+    let mut scorer = Scorer::start(&t, &[]);
+    let mut reader = Reader::new(&t.verdicts);
+    let all = reader
+        .read_until(Duration::from_secs(90), |m| m.len() >= n)
+        .await;
+    assert!(
+        all,
+        "only {} of {n} verdicts; log:\n{}",
+        reader.messages.len(),
+        scorer.log_text()
+    );
+    reader.drain_for(Duration::from_secs(2)).await;
+
+    let by_id = verdicts_by_id(&reader.messages);
+    let want: HashSet<String> = (0..n).map(|i| format!("t{i}")).collect();
+    let got: HashSet<String> = by_id.keys().cloned().collect();
+    assert_eq!(got, want);
+    assert_eq!(
+        reader.messages.len(),
+        n,
+        "a clean run produces no duplicates"
+    );
+
+    let manifest = fraudstream::model::Manifest::read(&manifest_path()).unwrap();
+    let (mut fraud_sum, mut fraud_n, mut legit_sum, mut legit_n) = (0.0, 0, 0.0, 0);
+    for (i, r) in rows.iter().cycle().take(n).enumerate() {
+        let v = &by_id[&format!("t{i}")][0];
+        assert_eq!(v.customer_id, format!("c{}", i % 50));
+        assert_eq!(v.event_time, now + i as i64);
+        assert_eq!(v.model_version, manifest.model_version);
+        assert_eq!(v.decision, manifest.thresholds.decide(v.score));
+        assert!(!v.degraded);
+        assert!(v.reasons.is_empty());
+        assert!(v.scored_at >= now);
+        if r.label {
+            fraud_sum += v.score as f64;
+            fraud_n += 1;
+        } else {
+            legit_sum += v.score as f64;
+            legit_n += 1;
+        }
+    }
+    // The real model, not a constant: frauds score far above legitimate payments.
+    assert!(fraud_n > 10 && legit_n > 10);
+    assert!(
+        fraud_sum / fraud_n as f64 > 10.0 * (legit_sum / legit_n as f64),
+        "fraud mean {} vs legit mean {}",
+        fraud_sum / fraud_n as f64,
+        legit_sum / legit_n as f64
+    );
+    assert!(by_id.values().any(|v| v[0].decision == Decision::Decline));
+    assert!(by_id.values().any(|v| v[0].decision == Decision::Approve));
+
+    // The metrics endpoint counts what happened.
+    let (status, body) = scorer.http_get("/healthz").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = scorer.http_get("/metrics").await;
+    assert_eq!(status, 200);
+    let total: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("fraudstream_verdicts_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(total, n as f64, "{body}");
+    for name in [
+        "fraudstream_messages_consumed_total",
+        "fraudstream_scoring_duration_seconds_bucket",
+        "fraudstream_end_to_end_latency_seconds_bucket",
+    ] {
+        assert!(body.contains(name), "{name} missing from /metrics:\n{body}");
+    }
+
+    scorer.signal("TERM");
+    assert!(scorer.wait(Duration::from_secs(30)).success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn avro_in_plain_and_confluent_avro_verdicts_out() {
+    let t = topics("avro", 2).await;
+    let rows = sample();
+    let mut model = model();
+    let txs: Vec<Transaction> = rows
+        .iter()
+        .take(40)
+        .enumerate()
+        .map(|(i, r)| Transaction {
+            transaction_id: format!("a{i}"),
+            event_time_ms: 1_795_341_600_000 + i as i64,
+            customer_id: format!("c{i}"),
+            merchant_id: "m".into(),
+            amount: r.amount().parse().unwrap(),
+            currency: "USD".into(),
+            features: Some(r.features()),
+            ..Transaction::default()
+        })
+        .collect();
+    let p = producer();
+    for (i, tx) in txs.iter().enumerate() {
+        let mut bytes = Vec::new();
+        if i % 2 == 1 {
+            bytes.extend_from_slice(&[0, 0, 0, 0, 1]);
+        }
+        bytes.extend(encode_transaction(tx));
+        send(
+            &p,
+            &t.transactions,
+            Some(tx.customer_id.as_bytes()),
+            Some(&bytes),
+        )
+        .await;
+    }
+    let mut scorer = Scorer::start(
+        &t,
+        &[
+            ("FRAUDSTREAM__OUTPUT__VERDICT_FORMAT", "avro"),
+            ("FRAUDSTREAM__OUTPUT__VERDICT_SCHEMA_ID", "2"),
+        ],
+    );
+    let mut reader = Reader::new(&t.verdicts);
+    let all = reader
+        .read_until(Duration::from_secs(60), |m| m.len() >= txs.len())
+        .await;
+    assert!(all, "log:\n{}", scorer.log_text());
+
+    let mut expected = Vec::new();
+    model.score(&txs, &mut expected).unwrap();
+    for m in &reader.messages {
+        let bytes = m.payload().unwrap();
+        assert_eq!(
+            &bytes[..5],
+            &[0, 0, 0, 0, 2],
+            "Confluent header with schema id 2"
+        );
+        let v = Verdict::from_avro(&bytes[5..]).unwrap();
+        let i: usize = v.transaction_id[1..].parse().unwrap();
+        assert_eq!(v.score, expected[i], "{}", v.transaction_id);
+        assert_eq!(v.event_time, txs[i].event_time_ms);
+    }
+    scorer.signal("INT");
+    assert!(scorer.wait(Duration::from_secs(30)).success());
+}

@@ -1,0 +1,10 @@
+//! Integration tests: the real `fraudstream` binary against the real local broker (started
+//! by `scripts/test`), with random topic and group names so tests never collide.
+
+mod util;
+
+mod config_errors;
+mod dead_letter;
+mod parity;
+mod scoring;
+mod shutdown;

@@ -1,0 +1,390 @@
+//! The integration-test harness: a real broker (from `scripts/test`), random topic and group
+//! names so tests never collide, the real `fraudstream` binary as a child process, and a
+//! reader that collects what it produced.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+pub fn brokers() -> String {
+    std::env::var("FRAUDSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Topic names for one test: input, verdicts, dead letters.
+pub struct Topics {
+    pub transactions: String,
+    pub verdicts: String,
+    pub dead_letter: String,
+    pub group: String,
+}
+
+/// Creates fresh topics (`partitions` for the input, 3 for verdicts, 1 for dead letters).
+pub async fn topics(test: &str, partitions: i32) -> Topics {
+    let t = Topics {
+        transactions: unique(&format!("{test}-tx")),
+        verdicts: unique(&format!("{test}-verdicts")),
+        dead_letter: unique(&format!("{test}-dlq")),
+        group: unique(&format!("{test}-group")),
+    };
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let new = [
+        NewTopic::new(&t.transactions, partitions, TopicReplication::Fixed(1)),
+        NewTopic::new(&t.verdicts, 3, TopicReplication::Fixed(1)),
+        NewTopic::new(&t.dead_letter, 1, TopicReplication::Fixed(1)),
+    ];
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = tokio::time::timeout(Duration::from_secs(20), admin.create_topics(&new, &opts))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "broker at {} did not answer; run the tests with scripts/test, which starts it",
+                brokers()
+            )
+        })
+        .expect("create topics");
+    for r in results {
+        r.expect("topic created");
+    }
+    t
+}
+
+pub fn producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer")
+}
+
+/// Produces and waits for the acknowledgement; returns (partition, offset).
+pub async fn send(
+    p: &FutureProducer,
+    topic: &str,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) -> (i32, i64) {
+    let mut r = FutureRecord::<[u8], [u8]>::to(topic);
+    if let Some(k) = key {
+        r = r.key(k);
+    }
+    if let Some(v) = value {
+        r = r.payload(v);
+    }
+    let d = p
+        .send(r, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce");
+    (d.partition, d.offset)
+}
+
+/// Produces many records without waiting for each acknowledgement in turn.
+pub async fn send_all(p: &FutureProducer, topic: &str, records: &[(String, Vec<u8>)]) {
+    let mut futures = Vec::with_capacity(records.len());
+    for (k, v) in records {
+        let mut r = FutureRecord::to(topic)
+            .key(k.as_bytes())
+            .payload(v.as_slice());
+        loop {
+            match p.send_result(r) {
+                Ok(f) => {
+                    futures.push(f);
+                    break;
+                }
+                Err((_, back)) => {
+                    r = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+    for f in futures {
+        f.await.expect("delivery").map_err(|(e, _)| e).expect("ack");
+    }
+}
+
+/// Reads a topic from the beginning with its own group.
+pub struct Reader {
+    consumer: StreamConsumer,
+    pub messages: Vec<OwnedMessage>,
+}
+
+impl Reader {
+    pub fn new(topic: &str) -> Reader {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", unique("reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .expect("reader");
+        consumer.subscribe(&[topic]).expect("subscribe");
+        Reader {
+            consumer,
+            messages: Vec::new(),
+        }
+    }
+
+    /// Reads until `done(messages)` holds or `timeout` passes; returns whether it held.
+    pub async fn read_until(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&[OwnedMessage]) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !done(&self.messages) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match tokio::time::timeout(left.min(Duration::from_millis(500)), self.consumer.recv())
+                .await
+            {
+                Ok(Ok(m)) => self.messages.push(m.detach()),
+                Ok(Err(e)) => panic!("reader error: {e}"),
+                Err(_) => {}
+            }
+        }
+        true
+    }
+
+    /// Reads for `quiet` more time, for messages that should not come.
+    pub async fn drain_for(&mut self, quiet: Duration) {
+        let _ = self.read_until(quiet, |_| false).await;
+    }
+}
+
+pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
+    let h: &OwnedHeaders = m.headers()?;
+    h.iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// A `fraudstream run` child process.
+pub struct Scorer {
+    child: Child,
+    pub log: PathBuf,
+    pub metrics: String,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Scorer {
+    /// Starts the binary on these topics; `extra` are more `FRAUDSTREAM__*` overrides.
+    pub fn start(t: &Topics, extra: &[(&str, &str)]) -> Scorer {
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let log = std::env::temp_dir().join(format!("{}.log", unique("fraudstream")));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fraudstream"));
+        cmd.current_dir(repo())
+            .args(["run", "--config", "docs/fraudstream.toml"])
+            .env("FRAUDSTREAM__BROKERS", brokers())
+            .env("FRAUDSTREAM__GROUP_ID", &t.group)
+            .env("FRAUDSTREAM__TOPICS__TRANSACTIONS", &t.transactions)
+            .env("FRAUDSTREAM__TOPICS__VERDICTS", &t.verdicts)
+            .env("FRAUDSTREAM__TOPICS__DEAD_LETTER", &t.dead_letter)
+            .env("FRAUDSTREAM__METRICS__LISTEN", &metrics)
+            // A killed member must leave the group quickly for the restart test.
+            .env("FRAUDSTREAM__KAFKA_CONSUMER__SESSION_TIMEOUT_MS", "6000")
+            .env("FRAUDSTREAM__KAFKA_CONSUMER__HEARTBEAT_INTERVAL_MS", "1000")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn fraudstream");
+        Scorer {
+            child,
+            log,
+            metrics,
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Waits for the process to exit; panics with its log after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "fraudstream did not exit in {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        let _ = std::fs::File::open(&self.log).and_then(|mut f| f.read_to_string(&mut s));
+        s
+    }
+
+    /// GET a path of the metrics endpoint, retrying while the scorer starts.
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for _ in 0..100 {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(&self.metrics).await {
+                let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                s.write_all(req.as_bytes()).await.unwrap();
+                let mut body = String::new();
+                s.read_to_string(&mut body).await.unwrap();
+                let status = body
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0);
+                let text = body.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+                return (status, text);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("metrics endpoint {} never answered", self.metrics);
+    }
+}
+
+impl Drop for Scorer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One row of the committed ULB held-out sample.
+#[derive(Clone)]
+pub struct SampleRow {
+    pub label: bool,
+    /// The 30 feature values as committed text (Time, V1..V28, Amount).
+    pub features_text: Vec<String>,
+}
+
+impl SampleRow {
+    pub fn features(&self) -> Vec<f64> {
+        self.features_text
+            .iter()
+            .map(|x| x.parse().unwrap())
+            .collect()
+    }
+
+    pub fn amount(&self) -> &str {
+        &self.features_text[29]
+    }
+
+    /// A JSON transaction carrying this row's features.
+    pub fn json(&self, tx_id: &str, customer: &str, event_time_ms: i64) -> String {
+        format!(
+            r#"{{"transaction_id":"{tx_id}","event_time":{event_time_ms},"customer_id":"{customer}","merchant_id":"m-1","amount":{},"currency":"EUR","channel":"web","features":[{}]}}"#,
+            self.amount(),
+            self.features_text.join(",")
+        )
+    }
+}
+
+pub fn sample() -> Vec<SampleRow> {
+    let f = std::fs::File::open(repo().join("tests/data/ulb-holdout-sample.csv.gz")).unwrap();
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(f)
+        .read_to_string(&mut text)
+        .unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    assert_eq!(header[0], "row");
+    assert_eq!(header[31], "Class");
+    lines
+        .map(|l| {
+            let cols: Vec<&str> = l.split(',').collect();
+            SampleRow {
+                label: cols[31] == "1",
+                features_text: cols[1..31].iter().map(|s| s.to_string()).collect(),
+            }
+        })
+        .collect()
+}
+
+/// Verdicts by transaction id (every copy, in arrival order).
+pub fn verdicts_by_id(
+    messages: &[OwnedMessage],
+) -> HashMap<String, Vec<fraudstream::decision::Verdict>> {
+    let mut out: HashMap<String, Vec<_>> = HashMap::new();
+    for m in messages {
+        let v: fraudstream::decision::Verdict =
+            serde_json::from_slice(m.payload().expect("verdict payload")).expect("verdict JSON");
+        assert_eq!(
+            m.key(),
+            Some(v.transaction_id.as_bytes()),
+            "verdict keyed by transaction id"
+        );
+        out.entry(v.transaction_id.clone()).or_default().push(v);
+    }
+    out
+}
+
+pub fn manifest_path() -> PathBuf {
+    repo().join("models/ulb-xgb.manifest.json")
+}
+
+pub fn model() -> fraudstream::model::Model {
+    let lib = std::env::var_os("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .expect("ORT_DYLIB_PATH (scripts/test sets it)");
+    let env = fraudstream::model::init_runtime(Some(Path::new(&lib))).expect("ONNX Runtime");
+    fraudstream::model::Model::load(env, &manifest_path()).expect("model")
+}
