@@ -74,9 +74,7 @@ async fn stop_and_restart(test: &str, signal: &str) -> (Reader, usize) {
     let mut second = Scorer::start(&t, &[]);
     let want: HashSet<String> = (0..N).map(|i| format!("s{i}")).collect();
     let complete = reader
-        .read_until(Duration::from_secs(120), |m| {
-            m.len() >= N && verdicts_by_id(m).len() == N
-        })
+        .read_until_distinct_keys(Duration::from_secs(120), N)
         .await;
     assert!(
         complete,

@@ -180,6 +180,20 @@ impl Reader {
         true
     }
 
+    /// Reads until `n` distinct keys have been seen or `timeout` passes.
+    pub async fn read_until_distinct_keys(&mut self, timeout: Duration, n: usize) -> bool {
+        let mut keys = std::collections::HashSet::new();
+        let mut counted = 0;
+        self.read_until(timeout, |m| {
+            for msg in &m[counted..] {
+                keys.insert(msg.key().map(<[u8]>::to_vec));
+            }
+            counted = m.len();
+            keys.len() >= n
+        })
+        .await
+    }
+
     /// Reads for `quiet` more time, for messages that should not come.
     pub async fn drain_for(&mut self, quiet: Duration) {
         let _ = self.read_until(quiet, |_| false).await;
