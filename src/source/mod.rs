@@ -12,11 +12,12 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaResult;
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::telemetry::{Readiness, ASSIGNED_PARTITIONS};
+use crate::telemetry::{Readiness, ASSIGNED_PARTITIONS, CONSUMER_LAG};
 
 /// Consumer callbacks: logs rebalances and commit failures, and keeps readiness current.
 pub struct SourceContext {
@@ -24,12 +25,40 @@ pub struct SourceContext {
     readiness: Readiness,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    /// librdkafka statistics (every `statistics.interval.ms`): exports the lag of each
+    /// assigned partition.
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // Partition -1 is librdkafka's internal "unassigned" partition; lag -1 means
+                // not assigned here or not known yet.
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                // Lag behind what is acknowledged (stored), falling back to behind what is
+                // fetched when nothing is stored yet.
+                let lag = if p.consumer_lag_stored >= 0 {
+                    p.consumer_lag_stored
+                } else {
+                    p.consumer_lag
+                };
+                metrics::gauge!(CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
+                    .set(lag as f64);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             tracing::info!(partitions = %describe(tpl), "Partitions revoked.");
+            // Their lag is the new owner's to report; summed over instances it stays right.
+            for e in tpl.elements() {
+                metrics::gauge!(CONSUMER_LAG, "topic" => e.topic().to_string(), "partition" => e.partition().to_string())
+                    .set(0.0);
+            }
         }
     }
 
@@ -76,7 +105,9 @@ pub fn client_config(settings: &Settings) -> ClientConfig {
         // brokers do not answer a waiting fetch early when data arrives.
         .set("fetch.wait.max.ms", "10")
         .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000");
+        .set("auto.commit.interval.ms", "1000")
+        // Feeds fraudstream_consumer_lag_messages.
+        .set("statistics.interval.ms", "5000");
     for (k, v) in settings.kafka.iter().chain(&settings.kafka_consumer) {
         c.set(k, v.to_string());
     }

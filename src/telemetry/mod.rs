@@ -30,6 +30,9 @@ pub const END_TO_END_LATENCY: &str = "fraudstream_end_to_end_latency_seconds";
 pub const BATCH_DURATION: &str = "fraudstream_batch_duration_seconds";
 /// Counter: produce attempts that failed and were retried.
 pub const PRODUCE_RETRIES: &str = "fraudstream_produce_retries_total";
+/// Gauge, labels `topic`, `partition`: messages of an assigned partition not yet
+/// acknowledged (high watermark − stored offset), from librdkafka statistics.
+pub const CONSUMER_LAG: &str = "fraudstream_consumer_lag_messages";
 /// Gauge: partitions of the transactions topic assigned to this instance.
 pub const ASSIGNED_PARTITIONS: &str = "fraudstream_assigned_partitions";
 

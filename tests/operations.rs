@@ -1,0 +1,140 @@
+//! What an operator relies on: consumer lag per partition, readiness that follows the
+//! assignment, and no entity identifiers in logs or metric labels.
+
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+/// `fraudstream_consumer_lag_messages` values by partition, from a /metrics body.
+fn lag_by_partition(metrics: &str, topic: &str) -> Vec<(i32, f64)> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("fraudstream_consumer_lag_messages{") && l.contains(topic))
+        .map(|l| {
+            let p = l
+                .split("partition=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap();
+            let v = l.rsplit(' ').next().unwrap();
+            (p.parse().unwrap(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consumer_lag_is_exported_per_partition_and_drains_to_zero() {
+    let t = topics("lag", 3).await;
+    let mut scorer = Scorer::start(
+        &t,
+        &[
+            ("FRAUDSTREAM__KAFKA_CONSUMER__STATISTICS_INTERVAL_MS", "200"),
+            ("FRAUDSTREAM__BATCH__MAX_RECORDS", "20"),
+        ],
+    );
+    while scorer.http_get("/readyz").await.0 != 200 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = sample();
+    let n = 20_000;
+    let records: Vec<(String, Vec<u8>)> = rows
+        .iter()
+        .cycle()
+        .take(n)
+        .enumerate()
+        .map(|(i, r)| {
+            let c = format!("c{}", i % 300);
+            (
+                c.clone(),
+                r.json(&format!("l{i}"), &c, 1_795_341_600_000).into_bytes(),
+            )
+        })
+        .collect();
+    send_all(&producer(), &t.transactions, &records).await;
+
+    // While the backlog drains, some sample shows a positive lag.
+    let mut reader = Reader::new(&t.verdicts);
+    let mut peak = 0.0f64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while reader.messages.len() < n && Instant::now() < deadline {
+        let (_, body) = scorer.http_get("/metrics").await;
+        peak = peak.max(
+            lag_by_partition(&body, &t.transactions)
+                .iter()
+                .map(|(_, v)| v)
+                .sum(),
+        );
+        reader
+            .read_until(Duration::from_millis(100), |m| m.len() >= n)
+            .await;
+    }
+    assert_eq!(reader.messages.len(), n, "log:\n{}", scorer.log_text());
+    assert!(
+        peak > 0.0,
+        "lag never seen above zero while {n} messages drained"
+    );
+
+    // Once everything is acknowledged, every partition reports zero.
+    let mut last = Vec::new();
+    for _ in 0..50 {
+        let (_, body) = scorer.http_get("/metrics").await;
+        last = lag_by_partition(&body, &t.transactions);
+        if last.len() == 3 && last.iter().all(|(_, v)| *v == 0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    last.sort_by_key(|(p, _)| *p);
+    assert_eq!(last, vec![(0, 0.0), (1, 0.0), (2, 0.0)]);
+    scorer.signal("TERM");
+    assert!(scorer.wait(Duration::from_secs(30)).success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_follows_the_assignment() {
+    // One partition, two instances: one owns it and is ready, the other is standing by.
+    let t = topics("ready", 1).await;
+    let mut a = Scorer::start(&t, &[]);
+    let mut b = Scorer::start(&t, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut ra, mut rb) = (0, 0);
+    while Instant::now() < deadline {
+        ra = a.http_get("/readyz").await.0;
+        rb = b.http_get("/readyz").await.0;
+        if (ra == 200) != (rb == 200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        (ra == 200) != (rb == 200),
+        "exactly one ready: a {ra}, b {rb}"
+    );
+    let (ready, standby) = if ra == 200 {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    assert_eq!(
+        standby.http_get("/healthz").await.0,
+        200,
+        "standing by is healthy"
+    );
+
+    // The owner stops; the standby takes the partition over and becomes ready.
+    ready.signal("TERM");
+    assert!(ready.wait(Duration::from_secs(30)).success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while standby.http_get("/readyz").await.0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "standby never became ready:\n{}",
+            standby.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    standby.signal("TERM");
+    assert!(standby.wait(Duration::from_secs(30)).success());
+}
