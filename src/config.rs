@@ -226,7 +226,8 @@ impl Default for MetricsSettings {
 }
 
 /// A librdkafka property value. librdkafka takes strings; numbers and booleans are accepted
-/// in TOML for convenience and passed on as their text.
+/// in TOML for convenience and passed on as their text. `{ file = "PATH" }` reads the value
+/// from a file at start (a mounted secret), without its trailing newline.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum KafkaValue {
@@ -234,6 +235,32 @@ pub enum KafkaValue {
     Integer(i64),
     Float(f64),
     Bool(bool),
+    File { file: PathBuf },
+}
+
+impl KafkaValue {
+    /// The text to give librdkafka for property `key`, reading files.
+    pub fn resolve(&self, key: &str) -> anyhow::Result<String> {
+        match self {
+            KafkaValue::File { file } => std::fs::read_to_string(file)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|e| anyhow::anyhow!("cannot read `{key}` from {}: {e}", file.display())),
+            other => Ok(other.to_string()),
+        }
+    }
+}
+
+/// librdkafka properties whose values are secrets: never printed or logged.
+pub fn is_secret(key: &str) -> bool {
+    [
+        "password",
+        "secret",
+        "key.pem",
+        "oauthbearer.config",
+        "sasl.username",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
 }
 
 impl std::fmt::Display for KafkaValue {
@@ -243,6 +270,7 @@ impl std::fmt::Display for KafkaValue {
             KafkaValue::Integer(i) => write!(f, "{i}"),
             KafkaValue::Float(x) => write!(f, "{x}"),
             KafkaValue::Bool(b) => write!(f, "{b}"),
+            KafkaValue::File { file } => write!(f, "(from file {})", file.display()),
         }
     }
 }
@@ -334,6 +362,16 @@ impl Settings {
                 "`output.verdict-schema-id` needs `output.verdict-format = \"avro\"`".into(),
             );
         }
+        for (table, map) in [
+            ("kafka", &self.kafka),
+            ("kafka-consumer", &self.kafka_consumer),
+        ] {
+            if map.contains_key("enable.auto.offset.store") {
+                return bad(format!(
+                    "`{table}.\"enable.auto.offset.store\"` cannot be set: fraudstream stores offsets itself, after the broker acknowledges the batch's output"
+                ));
+            }
+        }
         for key in ["bootstrap.servers", "group.id"] {
             for (table, map) in [
                 ("kafka", &self.kafka),
@@ -351,6 +389,19 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// A copy safe to print: secret librdkafka values replaced by `<redacted>`.
+    pub fn redacted(&self) -> Settings {
+        let mut s = self.clone();
+        for map in [&mut s.kafka, &mut s.kafka_consumer, &mut s.kafka_producer] {
+            for (k, v) in map.iter_mut() {
+                if is_secret(k) && !matches!(v, KafkaValue::File { .. }) {
+                    *v = KafkaValue::Text("<redacted>".into());
+                }
+            }
+        }
+        s
     }
 
     /// The ONNX Runtime library: the config key, else `ORT_DYLIB_PATH`.
@@ -411,10 +462,11 @@ mod tests {
     use super::*;
 
     fn load_str(text: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "fraudstream-config-{}-{}",
             std::process::id(),
-            text.len()
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
@@ -486,8 +538,47 @@ mod tests {
         assert!(err.to_string().contains("verdict-schema-id"), "{err}");
         let err = load_str("[kafka]\n\"group.id\" = \"x\"\n", &[]).unwrap_err();
         assert!(err.to_string().contains("group-id"), "{err}");
+        let err = load_str(
+            "[kafka-consumer]\n\"enable.auto.offset.store\" = true\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("stores offsets itself"), "{err}");
         let err = load_str("[input.schema-ids]\nabc = \"x.avsc\"\n", &[]).unwrap_err();
         assert!(err.to_string().contains("abc"), "{err}");
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_are_redacted() {
+        let dir = std::env::temp_dir().join(format!("fraudstream-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("pw");
+        std::fs::write(&secret, "hunter2\n").unwrap();
+        let s = load_str(
+            &format!(
+                "[kafka]\n\"sasl.password\" = {{ file = \"{}\" }}\n\"ssl.key.password\" = \"inline-secret\"\n\"client.id\" = \"fs\"\n",
+                secret.display()
+            ),
+            &[("FRAUDSTREAM__KAFKA_PRODUCER__SASL_PASSWORD", "from-env")],
+        )
+        .unwrap();
+        assert_eq!(
+            s.kafka["sasl.password"].resolve("sasl.password").unwrap(),
+            "hunter2"
+        );
+        let printed = format!("{:?}", s.redacted());
+        for secret in ["hunter2", "inline-secret", "from-env"] {
+            assert!(!printed.contains(secret), "{secret} printed: {printed}");
+        }
+        assert!(printed.contains("\"fs\""));
+        let missing = KafkaValue::File {
+            file: dir.join("nope"),
+        };
+        assert!(missing
+            .resolve("sasl.password")
+            .unwrap_err()
+            .to_string()
+            .contains("sasl.password"));
     }
 
     #[test]

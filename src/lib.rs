@@ -18,6 +18,7 @@
 //! - [`decision`]: score + thresholds → [`decision::Verdict`], and its encodings (pure).
 //! - [`sink`]: the producer for verdicts and dead letters, waiting for acknowledgements.
 //! - [`telemetry`]: metric names and the `/metrics`, `/healthz`, `/readyz` endpoint.
+//! - [`validate`]: the pre-deploy checks behind `fraudstream validate`.
 //!
 //! `decode`, `features` and `decision` do no I/O: that is where the logic is, so it is
 //! unit-tested beside the code. Everything that crosses Kafka is tested against a real broker
@@ -32,3 +33,4 @@ pub mod pipeline;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
+pub mod validate;

@@ -28,10 +28,19 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Load and check the configuration and print it, resolved, then exit.
+    /// Load and check the configuration and print it, resolved (secrets redacted), then exit.
     CheckConfig {
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Check config, model against the feature registry, broker reachability and topics
+    /// (partition counts, co-partitioning); list every problem; exit 1 if there is one.
+    Validate {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// How long to wait for the brokers, in seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
     },
 }
 
@@ -44,9 +53,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let (config, run) = match &cli.command {
-        Command::Run { config } => (config, true),
-        Command::CheckConfig { config } => (config, false),
+    let config = match &cli.command {
+        Command::Run { config }
+        | Command::CheckConfig { config }
+        | Command::Validate { config, .. } => config,
     };
     let settings = match Settings::load(config.as_deref(), std::env::vars()) {
         Ok(s) => s,
@@ -55,9 +65,35 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if !run {
-        println!("{settings:#?}");
-        return ExitCode::SUCCESS;
+    match cli.command {
+        Command::Run { .. } => {}
+        Command::CheckConfig { .. } => {
+            println!("{:#?}", settings.redacted());
+            return ExitCode::SUCCESS;
+        }
+        Command::Validate { timeout, .. } => {
+            let findings =
+                fraudstream::validate::validate(&settings, std::time::Duration::from_secs(timeout));
+            let problems = findings
+                .iter()
+                .filter(|f| f.level == fraudstream::validate::Level::Problem)
+                .count();
+            println!(
+                "ok       config {}",
+                config
+                    .as_ref()
+                    .map_or("(defaults)".into(), |p| p.display().to_string())
+            );
+            for f in &findings {
+                println!("{f}");
+            }
+            if problems > 0 {
+                println!("{problems} problem(s).");
+                return ExitCode::FAILURE;
+            }
+            println!("No problems.");
+            return ExitCode::SUCCESS;
+        }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

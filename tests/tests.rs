@@ -9,3 +9,4 @@ mod operations;
 mod parity;
 mod scoring;
 mod shutdown;
+mod validate;

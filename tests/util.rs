@@ -54,15 +54,25 @@ pub async fn topics(test: &str, partitions: i32) -> Topics {
         dead_letter: unique(&format!("{test}-dlq")),
         group: unique(&format!("{test}-group")),
     };
+    create_topics(&[
+        (&t.transactions, partitions),
+        (&t.verdicts, 3),
+        (&t.dead_letter, 1),
+    ])
+    .await;
+    t
+}
+
+/// Creates topics with the given partition counts.
+pub async fn create_topics(topics: &[(&str, i32)]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .create()
         .expect("admin client");
-    let new = [
-        NewTopic::new(&t.transactions, partitions, TopicReplication::Fixed(1)),
-        NewTopic::new(&t.verdicts, 3, TopicReplication::Fixed(1)),
-        NewTopic::new(&t.dead_letter, 1, TopicReplication::Fixed(1)),
-    ];
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(name, p)| NewTopic::new(name, *p, TopicReplication::Fixed(1)))
+        .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = tokio::time::timeout(Duration::from_secs(20), admin.create_topics(&new, &opts))
         .await
@@ -76,7 +86,6 @@ pub async fn topics(test: &str, partitions: i32) -> Topics {
     for r in results {
         r.expect("topic created");
     }
-    t
 }
 
 pub fn producer() -> FutureProducer {

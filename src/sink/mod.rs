@@ -49,20 +49,20 @@ pub struct Sink {
 }
 
 /// The producer's librdkafka configuration: defaults, then `[kafka]`, then `[kafka-producer]`.
-pub fn client_config(settings: &Settings) -> ClientConfig {
+pub fn client_config(settings: &Settings) -> anyhow::Result<ClientConfig> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &settings.brokers)
         .set("acks", "all")
         .set("linger.ms", "2");
     for (k, v) in settings.kafka.iter().chain(&settings.kafka_producer) {
-        c.set(k, v.to_string());
+        c.set(k, v.resolve(k)?);
     }
-    c
+    Ok(c)
 }
 
 impl Sink {
     pub fn new(settings: &Settings) -> anyhow::Result<Sink> {
-        let producer: FutureProducer = client_config(settings)
+        let producer: FutureProducer = client_config(settings)?
             .create()
             .map_err(|e| anyhow::anyhow!("cannot create the Kafka producer: {e}"))?;
         Ok(Sink {

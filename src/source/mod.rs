@@ -96,7 +96,7 @@ pub type Source = StreamConsumer<SourceContext>;
 
 /// The consumer's librdkafka configuration: fraudstream's defaults, then `[kafka]`, then
 /// `[kafka-consumer]`, then the settings fraudstream's guarantees depend on.
-pub fn client_config(settings: &Settings) -> ClientConfig {
+pub fn client_config(settings: &Settings) -> anyhow::Result<ClientConfig> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &settings.brokers)
         .set("group.id", &settings.group_id)
@@ -109,14 +109,14 @@ pub fn client_config(settings: &Settings) -> ClientConfig {
         // Feeds fraudstream_consumer_lag_messages.
         .set("statistics.interval.ms", "5000");
     for (k, v) in settings.kafka.iter().chain(&settings.kafka_consumer) {
-        c.set(k, v.to_string());
+        c.set(k, v.resolve(k)?);
     }
     c.set("enable.auto.offset.store", "false");
-    c
+    Ok(c)
 }
 
 pub fn consumer(settings: &Settings, readiness: Readiness) -> anyhow::Result<Source> {
-    let consumer: Source = client_config(settings)
+    let consumer: Source = client_config(settings)?
         .create_with_context(SourceContext { readiness })
         .map_err(|e| anyhow::anyhow!("cannot create the Kafka consumer: {e}"))?;
     Ok(consumer)
