@@ -9,4 +9,5 @@ mod operations;
 mod parity;
 mod scoring;
 mod shutdown;
+mod tls;
 mod validate;
