@@ -138,3 +138,62 @@ async fn readiness_follows_the_assignment() {
     standby.signal("TERM");
     assert!(standby.wait(Duration::from_secs(30)).success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_entity_identifier_reaches_logs_or_metric_labels() {
+    let t = topics("pii", 2).await;
+    let mut scorer = Scorer::start(&t, &[("RUST_LOG", "debug,librdkafka=info,rdkafka=info")]);
+    let rows = sample();
+    let p = producer();
+    let mut n_good = 0;
+    for (i, r) in rows.iter().take(20).enumerate() {
+        let good = r
+            .json(&format!("TXSECRET-{i}"), "CUSTSECRET-1", 1_795_341_600_000)
+            .replace(
+                "\"channel\":\"web\"",
+                "\"channel\":\"web\",\"email\":\"EMAILSECRET@example.com\",\"card_id\":\"CARDSECRET-4111\",\"device_id\":\"DEVSECRET\",\"ip\":\"203.0.113.77\"",
+            );
+        send(
+            &p,
+            &t.transactions,
+            Some(b"CUSTSECRET-1"),
+            Some(good.as_bytes()),
+        )
+        .await;
+        n_good += 1;
+        // And a bad one carrying the same identifiers, which is dead-lettered.
+        let bad = good.replace("\"currency\":\"EUR\"", "\"currency\":\"CARDSECRET-4111\"");
+        send(
+            &p,
+            &t.transactions,
+            Some(b"CUSTSECRET-1"),
+            Some(bad.as_bytes()),
+        )
+        .await;
+    }
+    let mut verdicts = Reader::new(&t.verdicts);
+    assert!(
+        verdicts
+            .read_until(Duration::from_secs(60), |m| m.len() >= n_good)
+            .await
+    );
+    let mut dlq = Reader::new(&t.dead_letter);
+    assert!(
+        dlq.read_until(Duration::from_secs(30), |m| m.len() >= 20)
+            .await
+    );
+    let (_, metrics) = scorer.http_get("/metrics").await;
+    scorer.signal("TERM");
+    assert!(scorer.wait(Duration::from_secs(30)).success());
+
+    let log = scorer.log_text();
+    assert!(
+        log.contains("Messages dead-lettered."),
+        "the log was captured:\n{log}"
+    );
+    for text in [&log, &metrics] {
+        for secret in ["SECRET", "203.0.113.77"] {
+            assert!(!text.contains(secret), "`{secret}` leaked into:\n{text}");
+        }
+    }
+}
