@@ -38,6 +38,16 @@ pub mod headers {
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let readiness = Readiness::default();
     let prometheus = telemetry::install().context("cannot install the metrics recorder")?;
+    // Export every counter from the start, at zero, so rates and dashboards work before
+    // the first event of each kind.
+    for kind in ErrorKind::ALL {
+        metrics::counter!(telemetry::DEAD_LETTERS, "kind" => kind.as_str()).increment(0);
+    }
+    for d in Decision::ALL {
+        metrics::counter!(telemetry::VERDICTS, "decision" => d.as_str()).increment(0);
+    }
+    metrics::counter!(telemetry::PRODUCE_RETRIES).increment(0);
+    metrics::counter!(telemetry::MESSAGES_CONSUMED, "topic" => settings.topics.transactions.clone()).increment(0);
     let (addr, http) = telemetry::serve(
         settings.metrics.listen,
         prometheus,
@@ -49,6 +59,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
     let env = model::init_runtime(settings.onnxruntime_library().as_deref())?;
     let model = Model::load(env, &settings.model.manifest)?;
+    metrics::gauge!(telemetry::MODEL_INFO, "model_version" => model.manifest.model_version.clone())
+        .set(1.0);
     tracing::info!(
         model_version = %model.manifest.model_version,
         features = model.features.len(),

@@ -197,3 +197,54 @@ async fn no_entity_identifier_reaches_logs_or_metric_labels() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compose_stack_and_dashboard_match_what_the_scorer_exports() {
+    let t = topics("compose", 2).await;
+    let mut scorer = Scorer::start(
+        &t,
+        &[("FRAUDSTREAM__KAFKA_CONSUMER__STATISTICS_INTERVAL_MS", "200")],
+    );
+    let rows = sample();
+    let p = producer();
+    for (i, r) in rows.iter().take(20).enumerate() {
+        let v = r.json(&format!("d{i}"), "c", 1_795_341_600_000);
+        send(&p, &t.transactions, Some(b"c"), Some(v.as_bytes())).await;
+    }
+    send(&p, &t.transactions, Some(b"c"), Some(b"not json")).await;
+    let mut verdicts = Reader::new(&t.verdicts);
+    assert!(
+        verdicts
+            .read_until(Duration::from_secs(60), |m| m.len() >= 20)
+            .await
+    );
+    // Every metric has been touched once the lag gauge appears.
+    let mut body = String::new();
+    for _ in 0..50 {
+        body = scorer.http_get("/metrics").await.1;
+        if body.contains("fraudstream_consumer_lag_messages{")
+            && body.contains("fraudstream_dead_letters_total{")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let file = std::env::temp_dir().join(unique("metrics"));
+    std::fs::write(&file, &body).unwrap();
+    let python =
+        std::env::var("FRAUDSTREAM_PYTHON").expect("FRAUDSTREAM_PYTHON (scripts/test sets it)");
+    let out = std::process::Command::new(python)
+        .arg(repo().join("scripts/py/check_compose.py"))
+        .arg("--repo")
+        .arg(repo())
+        .arg("--metrics")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("10 dashboard metrics checked"), "{report}");
+    scorer.signal("TERM");
+    assert!(scorer.wait(Duration::from_secs(30)).success());
+}

@@ -33,6 +33,8 @@ pub const PRODUCE_RETRIES: &str = "fraudstream_produce_retries_total";
 /// Gauge, labels `topic`, `partition`: messages of an assigned partition not yet
 /// acknowledged (high watermark − stored offset), from librdkafka statistics.
 pub const CONSUMER_LAG: &str = "fraudstream_consumer_lag_messages";
+/// Gauge, label `model_version`: 1 for the model in service (an info metric).
+pub const MODEL_INFO: &str = "fraudstream_model_info";
 /// Gauge: partitions of the transactions topic assigned to this instance.
 pub const ASSIGNED_PARTITIONS: &str = "fraudstream_assigned_partitions";
 
