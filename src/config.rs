@@ -58,6 +58,8 @@ pub struct Settings {
     pub batch: BatchSettings,
     /// The HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
     pub metrics: MetricsSettings,
+    /// Where per-entity state lives and how identifiers are hashed.
+    pub state: StateSettings,
     /// librdkafka properties for both the consumer and the producer.
     pub kafka: BTreeMap<String, KafkaValue>,
     /// librdkafka properties for the consumer only (applied after `[kafka]`).
@@ -77,6 +79,7 @@ impl Default for Settings {
             output: OutputSettings::default(),
             batch: BatchSettings::default(),
             metrics: MetricsSettings::default(),
+            state: StateSettings::default(),
             kafka: BTreeMap::new(),
             kafka_consumer: BTreeMap::new(),
             kafka_producer: BTreeMap::new(),
@@ -178,6 +181,9 @@ pub enum VerdictFormat {
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct OutputSettings {
     pub verdict_format: VerdictFormat,
+    /// Put every feature value of the registry (and the model's passthrough inputs) into each
+    /// verdict, under `features`: for audits and offline/online parity checks.
+    pub audit_features: bool,
     /// With `verdict-format = "avro"`: prefix each verdict with the Confluent magic byte
     /// and this schema id.
     pub verdict_schema_id: Option<u32>,
@@ -187,6 +193,7 @@ impl Default for OutputSettings {
     fn default() -> Self {
         OutputSettings {
             verdict_format: VerdictFormat::Json,
+            audit_features: false,
             verdict_schema_id: None,
         }
     }
@@ -222,6 +229,41 @@ impl Default for MetricsSettings {
         MetricsSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
         }
+    }
+}
+
+/// The development secret; a warning is logged while it is in use.
+pub const DEV_HMAC_SECRET: &str = "fraudstream-development-secret";
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct StateSettings {
+    /// The RocksDB directory (created if missing). One per instance.
+    pub path: PathBuf,
+    /// Key for the HMAC that replaces every customer, merchant, card, e-mail, device and IP
+    /// identifier in state. Text, or `{ file = "PATH" }`. Changing it orphans existing state.
+    pub hmac_secret: KafkaValue,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        StateSettings {
+            path: PathBuf::from("fraudstream-state"),
+            hmac_secret: KafkaValue::Text(DEV_HMAC_SECRET.into()),
+        }
+    }
+}
+
+impl std::fmt::Debug for StateSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = match &self.hmac_secret {
+            KafkaValue::File { file } => format!("(from file {})", file.display()),
+            _ => "<redacted>".into(),
+        };
+        f.debug_struct("StateSettings")
+            .field("path", &self.path)
+            .field("hmac_secret", &secret)
+            .finish()
     }
 }
 

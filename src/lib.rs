@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! transactions ─> source ─> decode ─> features ─> model ─> decision ─> sink ─> verdicts
+//!                                 │       ⇅ state (RocksDB)
 //!                                 └──────── bad input ──────────────────────> dead-letter
 //! ```
 //!
@@ -13,7 +14,9 @@
 //! - [`pipeline`]: wires the stages together; [`pipeline::run`] is the whole service.
 //! - [`source`]: the Kafka consumer, rebalance logging, offset storage after acknowledgement.
 //! - [`decode`]: JSON and Avro bytes → a validated [`decode::Transaction`] (pure, no I/O).
-//! - [`features`]: the feature registry; (transaction) → the model's input row (pure).
+//! - [`features`]: the feature registry; (transaction, entity state) → the model's input row,
+//!   and how a transaction updates that state (pure).
+//! - [`state`]: event-time windows, entity states, keyed hashing, the RocksDB store.
 //! - [`model`]: the manifest and an ONNX Runtime session that scores micro-batches.
 //! - [`decision`]: score + thresholds → [`decision::Verdict`], and its encodings (pure).
 //! - [`sink`]: the producer for verdicts and dead letters, waiting for acknowledgements.
@@ -32,5 +35,6 @@ pub mod model;
 pub mod pipeline;
 pub mod sink;
 pub mod source;
+pub mod state;
 pub mod telemetry;
 pub mod validate;

@@ -19,9 +19,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Settings, VerdictFormat};
 use crate::decision::{Decision, Verdict};
 use crate::decode::{DecodeError, Decoder, ErrorKind, Transaction};
+use crate::features::{self, Context as FeatureContext, FeatureSet, Ids};
 use crate::model::{self, Model};
 use crate::sink::{OutRecord, Sink, Topic};
 use crate::source::{self, Source};
+use crate::state::{keys, Hasher, StateBatch, Store};
 use crate::telemetry::{self, Readiness};
 
 /// Dead-letter header names.
@@ -67,6 +69,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         "Model loaded."
     );
     let decoder = Decoder::new(&settings.input, model.features.requirements())?;
+    let store = Store::open(&settings.state.path)?;
+    let secret = settings.state.hmac_secret.resolve("state.hmac-secret")?;
+    if secret == crate::config::DEV_HMAC_SECRET {
+        tracing::warn!("Using the development HMAC secret for state keys; set state.hmac-secret in production.");
+    }
+    let audit = if settings.output.audit_features {
+        let mut names = model.features.names().to_vec();
+        for n in FeatureSet::all_named().names() {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+        Some(FeatureSet::resolve(&names)?)
+    } else {
+        None
+    };
     let sink = Sink::new(&settings)?;
     let consumer = source::consumer(&settings, readiness)?;
     let topics = &settings.topics;
@@ -84,6 +102,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let mut worker = Worker {
         decoder,
         model,
+        store,
+        hasher: Hasher::new(secret.as_bytes()),
+        audit,
+        state: StateBatch::default(),
+        applied: std::collections::HashMap::new(),
+        rows: Vec::new(),
+        audit_rows: Vec::new(),
         verdict_format: settings.output.verdict_format,
         verdict_schema_id: settings.output.verdict_schema_id,
         records: Vec::new(),
@@ -157,6 +182,10 @@ async fn consume_loop(
         sink.deliver(&worker.records, shutdown).await?;
         let acked_ms = now_ms();
         worker.record_delivered(acked_ms);
+        // State after the output: a crash in between re-delivers the batch, which is then
+        // scored again from the old state into identical verdicts. After this write, messages
+        // at or below the applied offsets are skipped, so state is applied exactly once.
+        worker.commit_state()?;
         store_offsets(consumer, &batch);
         metrics::histogram!(telemetry::BATCH_DURATION).record(started.elapsed().as_secs_f64());
     }
@@ -192,6 +221,17 @@ pub fn now_ms() -> i64 {
 struct Worker {
     decoder: Decoder,
     model: Model,
+    store: Store,
+    /// Turns entity identifiers into state keys.
+    hasher: Hasher,
+    /// With `output.audit-features`: the features put into each verdict.
+    audit: Option<FeatureSet>,
+    /// The batch's state changes and applied offsets, written after its output is acked.
+    state: StateBatch,
+    /// Applied offset per (topic, partition), read from the store once, then kept current.
+    applied: std::collections::HashMap<(String, i32), Option<i64>>,
+    rows: Vec<f32>,
+    audit_rows: Vec<f32>,
     verdict_format: VerdictFormat,
     verdict_schema_id: Option<u32>,
     /// What the batch produces: verdicts and dead letters, in consumption order per partition.
@@ -202,14 +242,33 @@ struct Worker {
 }
 
 impl Worker {
-    /// Decodes, scores and encodes a batch into `self.records`. An error is a model failure:
+    /// Decodes, computes features from state, scores and encodes a batch into
+    /// `self.records`, collecting state changes in `self.state`. An error (model, state) is
     /// fatal, and the batch's offsets are not stored.
     fn process(&mut self, batch: &[OwnedMessage]) -> anyhow::Result<()> {
         self.records.clear();
         self.decisions.clear();
+        self.state.clear();
         let mut valid: BTreeMap<i32, Vec<Transaction>> = BTreeMap::new();
         let mut dead: [u64; ErrorKind::ALL.len()] = [0; ErrorKind::ALL.len()];
+        let mut skipped = 0u64;
         for m in batch {
+            let tp = (m.topic().to_string(), m.partition());
+            let applied = match self.applied.get(&tp) {
+                Some(a) => *a,
+                None => {
+                    let a = self.store.applied_offset(&tp.0, tp.1)?;
+                    self.applied.insert(tp.clone(), a);
+                    a
+                }
+            };
+            if applied.is_some_and(|a| m.offset() <= a) {
+                // Applied to state, and its output acknowledged, before a restart.
+                skipped += 1;
+                continue;
+            }
+            let e = self.state.applied.entry(tp).or_insert(m.offset());
+            *e = (*e).max(m.offset());
             match self.decoder.decode(m.payload()) {
                 Ok(tx) => valid.entry(m.partition()).or_default().push(tx),
                 Err(e) => {
@@ -221,6 +280,12 @@ impl Worker {
                 }
             }
         }
+        if skipped > 0 {
+            tracing::info!(
+                count = skipped,
+                "Skipped messages already applied before a restart."
+            );
+        }
         for (kind, n) in ErrorKind::ALL.iter().zip(dead) {
             if n > 0 {
                 tracing::warn!(kind = kind.as_str(), count = n, "Messages dead-lettered.");
@@ -228,20 +293,36 @@ impl Worker {
             }
         }
         let scored_at = now_ms();
-        for txs in valid.values() {
+        for (partition, txs) in &valid {
+            self.rows.clear();
+            self.audit_rows.clear();
+            for tx in txs {
+                self.features_and_apply(*partition, tx)?;
+            }
             let t = Instant::now();
-            self.model.score(txs, &mut self.scores)?;
+            self.model.score_rows(&self.rows, &mut self.scores)?;
             metrics::histogram!(telemetry::SCORING_DURATION).record(t.elapsed().as_secs_f64());
             metrics::histogram!(telemetry::SCORING_BATCH_ROWS).record(txs.len() as f64);
             let manifest = &self.model.manifest;
-            for (tx, &score) in txs.iter().zip(&self.scores) {
-                let verdict = Verdict::new(
+            for (i, (tx, &score)) in txs.iter().zip(&self.scores).enumerate() {
+                let mut verdict = Verdict::new(
                     tx,
                     score,
                     &manifest.thresholds,
                     &manifest.model_version,
                     scored_at,
                 );
+                if let Some(audit) = &self.audit {
+                    let row = &self.audit_rows[i * audit.len()..(i + 1) * audit.len()];
+                    verdict.features = Some(
+                        audit
+                            .names()
+                            .iter()
+                            .cloned()
+                            .zip(row.iter().copied())
+                            .collect(),
+                    );
+                }
                 let mut payload = Vec::with_capacity(256);
                 match self.verdict_format {
                     VerdictFormat::Json => verdict.write_json(&mut payload),
@@ -255,6 +336,49 @@ impl Worker {
                     headers: None,
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Appends the transaction's model row (and audit row) computed from its customer's and
+    /// merchant's state, then applies the transaction to that state.
+    fn features_and_apply(&mut self, partition: i32, tx: &Transaction) -> anyhow::Result<()> {
+        let h = &self.hasher;
+        let ck = keys::key(partition, &h.entity("customer", &tx.customer_id));
+        let mk = keys::key(partition, &h.entity("merchant", &tx.merchant_id));
+        let ids = Ids {
+            card: tx.card_id.as_deref().map(|v| h.short("card", v)),
+            device: tx.device_id.as_deref().map(|v| h.short("device", v)),
+            ip: tx.ip.as_deref().map(|v| h.short("ip", v)),
+        };
+        if !self.state.customers.contains_key(&ck) {
+            let c = self.store.customer(&ck)?.unwrap_or_default();
+            self.state.customers.insert(ck, c);
+        }
+        if !self.state.merchants.contains_key(&mk) {
+            let m = self.store.merchant(&mk)?.unwrap_or_default();
+            self.state.merchants.insert(mk, m);
+        }
+        let customer = self.state.customers.get_mut(&ck).expect("inserted above");
+        let merchant = self.state.merchants.get_mut(&mk).expect("inserted above");
+        let ctx = FeatureContext {
+            customer,
+            merchant,
+            ids,
+        };
+        self.model.features.extend_row(tx, &ctx, &mut self.rows);
+        if let Some(audit) = &self.audit {
+            audit.extend_row(tx, &ctx, &mut self.audit_rows);
+        }
+        features::apply(tx, &ids, customer, merchant);
+        Ok(())
+    }
+
+    /// Writes the batch's state and applied offsets in one RocksDB write.
+    fn commit_state(&mut self) -> anyhow::Result<()> {
+        self.store.commit(&self.state)?;
+        for (tp, offset) in &self.state.applied {
+            self.applied.insert(tp.clone(), Some(*offset));
         }
         Ok(())
     }

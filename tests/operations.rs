@@ -96,8 +96,8 @@ async fn consumer_lag_is_exported_per_partition_and_drains_to_zero() {
 async fn readiness_follows_the_assignment() {
     // One partition, two instances: one owns it and is ready, the other is standing by.
     let t = topics("ready", 1).await;
-    let mut a = Scorer::start(&t, &[]);
-    let mut b = Scorer::start(&t, &[]);
+    let mut a = Scorer::start_instance(&t, "a", &[]);
+    let mut b = Scorer::start_instance(&t, "b", &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
     let (mut ra, mut rb) = (0, 0);
     while Instant::now() < deadline {

@@ -17,7 +17,7 @@ fn rust_scores_equal_python_onnxruntime() {
     let mut rust = Vec::new();
     let mut scores = Vec::new();
     for chunk in flat.chunks(width * 97) {
-        model.score_raw(chunk, &mut scores).unwrap();
+        model.score_rows(chunk, &mut scores).unwrap();
         rust.extend_from_slice(&scores);
     }
 

@@ -9,5 +9,6 @@ mod operations;
 mod parity;
 mod scoring;
 mod shutdown;
+mod state;
 mod tls;
 mod validate;

@@ -233,8 +233,18 @@ pub fn free_port() -> u16 {
 }
 
 impl Scorer {
-    /// Starts the binary on these topics; `extra` are more `FRAUDSTREAM__*` overrides.
+    /// Starts instance "a" on these topics; `extra` are more `FRAUDSTREAM__*` overrides.
     pub fn start(t: &Topics, extra: &[(&str, &str)]) -> Scorer {
+        Scorer::start_instance(t, "a", extra)
+    }
+
+    /// The state directory of an instance: the same across restarts of that instance.
+    pub fn state_dir(t: &Topics, instance: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("fraudstream-state-{}-{instance}", t.group))
+    }
+
+    /// Starts a named instance; restarting the same name reuses its state directory.
+    pub fn start_instance(t: &Topics, instance: &str, extra: &[(&str, &str)]) -> Scorer {
         let metrics = format!("127.0.0.1:{}", free_port());
         let log = std::env::temp_dir().join(format!("{}.log", unique("fraudstream")));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fraudstream"));
@@ -246,6 +256,7 @@ impl Scorer {
             .env("FRAUDSTREAM__TOPICS__VERDICTS", &t.verdicts)
             .env("FRAUDSTREAM__TOPICS__DEAD_LETTER", &t.dead_letter)
             .env("FRAUDSTREAM__METRICS__LISTEN", &metrics)
+            .env("FRAUDSTREAM__STATE__PATH", Scorer::state_dir(t, instance))
             // A killed member must leave the group quickly for the restart test.
             .env("FRAUDSTREAM__KAFKA_CONSUMER__SESSION_TIMEOUT_MS", "6000")
             .env("FRAUDSTREAM__KAFKA_CONSUMER__HEARTBEAT_INTERVAL_MS", "1000")

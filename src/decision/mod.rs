@@ -4,6 +4,8 @@
 //! threshold, `review` at or above the review threshold, `approve` below. Rules, reasons and
 //! degraded mode build on this.
 
+use std::collections::{BTreeMap, HashMap};
+
 use apache_avro::types::Value;
 use serde::{Deserialize, Serialize};
 
@@ -94,6 +96,9 @@ pub struct Verdict {
     pub scored_at: i64,
     pub degraded: bool,
     pub reasons: Vec<Reason>,
+    /// With `output.audit-features`: every feature value computed for this transaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features: Option<BTreeMap<String, f32>>,
 }
 
 impl Verdict {
@@ -114,6 +119,7 @@ impl Verdict {
             scored_at,
             degraded: false,
             reasons: Vec::new(),
+            features: None,
         }
     }
 
@@ -164,6 +170,20 @@ impl Verdict {
                         .collect(),
                 ),
             ),
+            (
+                "features".into(),
+                match &self.features {
+                    None => Value::Union(0, Box::new(Value::Null)),
+                    Some(f) => Value::Union(
+                        1,
+                        Box::new(Value::Map(
+                            f.iter()
+                                .map(|(k, v)| (k.clone(), Value::Double(f64::from(*v))))
+                                .collect::<HashMap<_, _>>(),
+                        )),
+                    ),
+                },
+            ),
         ]);
         let datum = apache_avro::to_avro_datum(verdict_schema(), value)
             .expect("a Verdict value always matches its schema");
@@ -191,6 +211,7 @@ struct AvroVerdict {
     scored_at: i64,
     degraded: bool,
     reasons: Vec<Reason>,
+    features: Option<BTreeMap<String, f64>>,
 }
 
 impl From<AvroVerdict> for Verdict {
@@ -205,6 +226,9 @@ impl From<AvroVerdict> for Verdict {
             scored_at: a.scored_at,
             degraded: a.degraded,
             reasons: a.reasons,
+            features: a
+                .features
+                .map(|f| f.into_iter().map(|(k, v)| (k, v as f32)).collect()),
         }
     }
 }
@@ -287,6 +311,10 @@ mod tests {
     #[test]
     fn avro_round_trip() {
         let mut v = verdict();
+        v.features = Some(BTreeMap::from([
+            ("amount".to_string(), 12.5f32),
+            ("new_card".to_string(), 1.0),
+        ]));
         v.reasons.push(Reason {
             code: "x".into(),
             text: "y".into(),
@@ -297,6 +325,7 @@ mod tests {
         let mut wire = Vec::new();
         v.write_avro(Some(9), &mut wire);
         assert_eq!(&wire[..5], &[0, 0, 0, 0, 9]);
-        assert_eq!(&wire[5..], &out[..]);
+        // (Avro maps have no fixed order, so compare values, not bytes.)
+        assert_eq!(Verdict::from_avro(&wire[5..]).unwrap(), v);
     }
 }

@@ -1,37 +1,94 @@
-//! The feature registry: named features, each a pure function of the transaction, and the
-//! row a model reads, built in the order its manifest lists.
+//! The feature registry: named features, each a pure function of the transaction and the
+//! state of its customer and merchant *before* the transaction, and [`apply`], the one place
+//! where a transaction changes that state.
 //!
 //! A model's manifest names its features; [`FeatureSet::resolve`] turns those names into
 //! extractors once at start, so an unknown name is a startup error, never a silent zero.
-//! This first registry holds the stateless features; per-entity state comes later.
+//! Every window runs on event time. "None" values (no history, no coordinates) are -1, a
+//! value trees split on cleanly. The same code serves online scoring and offline replay.
 
 use crate::decode::{Requirements, Transaction};
+use crate::state::window::WINDOWS;
+use crate::state::{CustomerState, MerchantState};
 
 /// Bumped whenever a feature's definition changes meaning; manifests record it.
-pub const REGISTRY_VERSION: u32 = 1;
+pub const REGISTRY_VERSION: u32 = 2;
 
 /// One feature the registry knows how to compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Feature {
     /// `features[i]`: element `i` of the transaction's precomputed vector.
     Passthrough(usize),
-    /// `amount`
     Amount,
-    /// `log_amount`: ln(1 + amount).
     LogAmount,
-    /// `hour_of_day`: 0–23, UTC, from the event time.
     HourOfDay,
-    /// `day_of_week`: 0 = Monday … 6 = Sunday, UTC, from the event time.
     DayOfWeek,
+    CustomerAgeYears,
+    LogCityPop,
+    HomeMerchantDistanceKm,
+    /// Transactions of this customer in window `i` of [`WINDOWS`] before this one.
+    CustomerCount(usize),
+    /// Their amount sum.
+    CustomerAmountSum(usize),
+    CustomerTxTotal,
+    SecondsSinceLastTx,
+    AmountVsCustomerMean,
+    AmountCustomerZscore,
+    NewCard,
+    NewDevice,
+    NewIp,
+    CustomerHourShare,
+    MerchantAmountZscore,
+    MerchantTxTotal,
 }
 
-/// The names of the named (non-passthrough) features, for error messages and docs.
-pub const NAMED: [(&str, Feature); 4] = [
-    ("amount", Feature::Amount),
-    ("log_amount", Feature::LogAmount),
-    ("hour_of_day", Feature::HourOfDay),
-    ("day_of_week", Feature::DayOfWeek),
-];
+/// Every named feature, in the registry's stable order.
+pub fn named() -> Vec<(String, Feature)> {
+    let mut v: Vec<(String, Feature)> = vec![
+        ("amount".into(), Feature::Amount),
+        ("log_amount".into(), Feature::LogAmount),
+        ("hour_of_day".into(), Feature::HourOfDay),
+        ("day_of_week".into(), Feature::DayOfWeek),
+        ("customer_age_years".into(), Feature::CustomerAgeYears),
+        ("log_city_pop".into(), Feature::LogCityPop),
+        (
+            "home_merchant_distance_km".into(),
+            Feature::HomeMerchantDistanceKm,
+        ),
+    ];
+    for (i, w) in WINDOWS.iter().enumerate() {
+        v.push((
+            format!("customer_tx_count_{}", w.name),
+            Feature::CustomerCount(i),
+        ));
+        v.push((
+            format!("customer_amount_sum_{}", w.name),
+            Feature::CustomerAmountSum(i),
+        ));
+    }
+    v.extend([
+        ("customer_tx_total".into(), Feature::CustomerTxTotal),
+        ("seconds_since_last_tx".into(), Feature::SecondsSinceLastTx),
+        (
+            "amount_vs_customer_mean".into(),
+            Feature::AmountVsCustomerMean,
+        ),
+        (
+            "amount_customer_zscore".into(),
+            Feature::AmountCustomerZscore,
+        ),
+        ("new_card".into(), Feature::NewCard),
+        ("new_device".into(), Feature::NewDevice),
+        ("new_ip".into(), Feature::NewIp),
+        ("customer_hour_share".into(), Feature::CustomerHourShare),
+        (
+            "merchant_amount_zscore".into(),
+            Feature::MerchantAmountZscore,
+        ),
+        ("merchant_tx_total".into(), Feature::MerchantTxTotal),
+    ]);
+    v
+}
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error(
@@ -43,29 +100,77 @@ pub struct UnknownFeature {
     pub known: String,
 }
 
-/// A model's input row layout.
+/// The keyed hashes of the transaction's card, device and IP (see [`crate::state::Hasher`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ids {
+    pub card: Option<u64>,
+    pub device: Option<u64>,
+    pub ip: Option<u64>,
+}
+
+/// The state a transaction's features are computed from: as it was before the transaction.
+#[derive(Clone, Copy)]
+pub struct Context<'a> {
+    pub customer: &'a CustomerState,
+    pub merchant: &'a MerchantState,
+    pub ids: Ids,
+}
+
+impl Context<'static> {
+    /// No history: what a first transaction sees, and all a stateless model needs.
+    pub fn empty() -> Context<'static> {
+        static C: std::sync::OnceLock<(CustomerState, MerchantState)> = std::sync::OnceLock::new();
+        let (c, m) = C.get_or_init(Default::default);
+        Context {
+            customer: c,
+            merchant: m,
+            ids: Ids::default(),
+        }
+    }
+}
+
+/// A model's input row layout (or the registry's full list, for audit).
 #[derive(Debug, Clone)]
 pub struct FeatureSet {
+    names: Vec<String>,
     features: Vec<Feature>,
 }
 
 impl FeatureSet {
     /// Resolves manifest names; the first unknown name is the error.
     pub fn resolve<S: AsRef<str>>(names: &[S]) -> Result<FeatureSet, UnknownFeature> {
+        let registry = named();
         let mut features = Vec::with_capacity(names.len());
         for (position, name) in names.iter().enumerate() {
             let name = name.as_ref();
             let f = parse_passthrough(name)
                 .map(Feature::Passthrough)
-                .or_else(|| NAMED.iter().find(|(n, _)| *n == name).map(|(_, f)| *f))
+                .or_else(|| registry.iter().find(|(n, _)| n == name).map(|(_, f)| *f))
                 .ok_or_else(|| UnknownFeature {
                     name: name.to_string(),
                     position,
-                    known: NAMED.map(|(n, _)| n).join(", "),
+                    known: registry
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 })?;
             features.push(f);
         }
-        Ok(FeatureSet { features })
+        Ok(FeatureSet {
+            names: names.iter().map(|n| n.as_ref().to_string()).collect(),
+            features,
+        })
+    }
+
+    /// Every named feature of the registry (no passthrough), in registry order.
+    pub fn all_named() -> FeatureSet {
+        let (names, features) = named().into_iter().unzip();
+        FeatureSet { names, features }
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     pub fn len(&self) -> usize {
@@ -92,26 +197,143 @@ impl FeatureSet {
     /// Appends this transaction's row to `out`. The transaction has passed
     /// [`crate::decode::validate`] with [`Self::requirements`], so every passthrough index
     /// exists.
-    pub fn extend_row(&self, tx: &Transaction, out: &mut Vec<f32>) {
+    pub fn extend_row(&self, tx: &Transaction, ctx: &Context<'_>, out: &mut Vec<f32>) {
         for f in &self.features {
-            let v = match *f {
-                Feature::Passthrough(i) => tx
-                    .features
-                    .as_ref()
-                    .and_then(|v| v.get(i))
-                    .copied()
-                    .unwrap_or(f64::NAN),
-                Feature::Amount => tx.amount,
-                Feature::LogAmount => tx.amount.ln_1p(),
-                Feature::HourOfDay => (tx.event_time_ms.div_euclid(3_600_000) % 24) as f64,
-                Feature::DayOfWeek => {
-                    // 1970-01-01 was a Thursday (3 when Monday is 0).
-                    ((tx.event_time_ms.div_euclid(86_400_000) + 3) % 7) as f64
-                }
-            };
-            out.push(v as f32);
+            out.push(value(*f, tx, ctx) as f32);
         }
     }
+}
+
+const NONE: f64 = -1.0;
+
+fn value(f: Feature, tx: &Transaction, ctx: &Context<'_>) -> f64 {
+    let c = ctx.customer;
+    let t = tx.event_time_ms;
+    match f {
+        Feature::Passthrough(i) => tx
+            .features
+            .as_ref()
+            .and_then(|v| v.get(i))
+            .copied()
+            .unwrap_or(f64::NAN),
+        Feature::Amount => tx.amount,
+        Feature::LogAmount => tx.amount.ln_1p(),
+        Feature::HourOfDay => hour_of_day(t) as f64,
+        // 1970-01-01 was a Thursday (3 when Monday is 0).
+        Feature::DayOfWeek => ((t.div_euclid(86_400_000) + 3) % 7) as f64,
+        Feature::CustomerAgeYears => tx
+            .customer_birth_date
+            .as_deref()
+            .and_then(|d| age_years(d, t))
+            .unwrap_or(NONE),
+        Feature::LogCityPop => tx
+            .customer_city_pop
+            .map_or(NONE, |p| (p.max(0) as f64).ln_1p()),
+        Feature::HomeMerchantDistanceKm => {
+            match (
+                tx.customer_lat,
+                tx.customer_lon,
+                tx.merchant_lat,
+                tx.merchant_lon,
+            ) {
+                (Some(a), Some(b), Some(x), Some(y)) => haversine_km(a, b, x, y),
+                _ => NONE,
+            }
+        }
+        Feature::CustomerCount(i) => c.windows[i].query(&WINDOWS[i], t).0 as f64,
+        Feature::CustomerAmountSum(i) => c.windows[i].query(&WINDOWS[i], t).1,
+        Feature::CustomerTxTotal => c.amounts.n as f64,
+        Feature::SecondsSinceLastTx => c
+            .last_event_ms
+            .map_or(NONE, |last| ((t - last).max(0)) as f64 / 1000.0),
+        Feature::AmountVsCustomerMean => {
+            if c.amounts.n == 0 {
+                NONE
+            } else {
+                tx.amount / (c.amounts.mean + 1.0)
+            }
+        }
+        Feature::AmountCustomerZscore => zscore(tx.amount, &c.amounts),
+        Feature::NewCard => novelty(ctx.ids.card, &c.cards),
+        Feature::NewDevice => novelty(ctx.ids.device, &c.devices),
+        Feature::NewIp => novelty(ctx.ids.ip, &c.ips),
+        Feature::CustomerHourShare => {
+            let total: u32 = c.hours.iter().sum();
+            if total == 0 {
+                NONE
+            } else {
+                c.hours[hour_of_day(t)] as f64 / total as f64
+            }
+        }
+        Feature::MerchantAmountZscore => zscore(tx.amount, &ctx.merchant.amounts),
+        Feature::MerchantTxTotal => ctx.merchant.amounts.n as f64,
+    }
+}
+
+/// Applies a transaction to its customer's and merchant's state (after its features were
+/// computed from the state before it).
+pub fn apply(
+    tx: &Transaction,
+    ids: &Ids,
+    customer: &mut CustomerState,
+    merchant: &mut MerchantState,
+) {
+    let t = tx.event_time_ms;
+    for (w, spec) in WINDOWS.iter().enumerate() {
+        customer.windows[w].add(spec, t, tx.amount);
+    }
+    customer.last_event_ms = Some(customer.last_event_ms.map_or(t, |l| l.max(t)));
+    customer.amounts.add(tx.amount);
+    for (id, known) in [
+        (ids.card, &mut customer.cards),
+        (ids.device, &mut customer.devices),
+        (ids.ip, &mut customer.ips),
+    ] {
+        if let Some(h) = id {
+            known.note(h);
+        }
+    }
+    customer.hours[hour_of_day(t)] = customer.hours[hour_of_day(t)].saturating_add(1);
+    merchant.amounts.add(tx.amount);
+    merchant.last_event_ms = Some(merchant.last_event_ms.map_or(t, |l| l.max(t)));
+}
+
+fn hour_of_day(t_ms: i64) -> usize {
+    (t_ms.div_euclid(3_600_000) % 24) as usize
+}
+
+fn zscore(x: f64, m: &crate::state::entities::Moments) -> f64 {
+    let sd = m.sd();
+    if m.n < 2 || sd == 0.0 {
+        0.0
+    } else {
+        (x - m.mean) / sd
+    }
+}
+
+/// 1 when the transaction names an id this customer has not used before, 0 when it is known,
+/// -1 when the transaction has no such id.
+fn novelty(id: Option<u64>, known: &crate::state::entities::Known) -> f64 {
+    match id {
+        None => NONE,
+        Some(h) if known.contains(h) => 0.0,
+        Some(_) => 1.0,
+    }
+}
+
+fn age_years(birth_date: &str, t_ms: i64) -> Option<f64> {
+    let f = time::macros::format_description!("[year]-[month]-[day]");
+    let born = time::Date::parse(birth_date, &f).ok()?;
+    let days = t_ms.div_euclid(86_400_000) - (born.to_julian_day() as i64 - 2_440_588);
+    (days >= 0).then(|| days as f64 / 365.25)
+}
+
+fn haversine_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
+    let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
+    let dp = (lat2 - lat1).to_radians();
+    let dl = (lon2 - lon1).to_radians();
+    let a = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
+    2.0 * 6371.0088 * a.sqrt().min(1.0).asin()
 }
 
 fn parse_passthrough(name: &str) -> Option<usize> {
@@ -126,13 +348,24 @@ fn parse_passthrough(name: &str) -> Option<usize> {
 mod tests {
     use super::*;
 
+    fn row(fs: &FeatureSet, tx: &Transaction, ctx: &Context<'_>) -> Vec<f32> {
+        let mut out = Vec::new();
+        fs.extend_row(tx, ctx, &mut out);
+        out
+    }
+
     #[test]
     fn resolves_names_and_requirements() {
         let fs = FeatureSet::resolve(&["features[2]", "amount", "features[0]"]).unwrap();
         assert_eq!(fs.len(), 3);
         assert_eq!(fs.requirements().passthrough_len, Some(3));
-        let fs = FeatureSet::resolve(&["amount", "hour_of_day"]).unwrap();
+        let fs = FeatureSet::resolve(&["amount", "hour_of_day", "customer_tx_count_7d"]).unwrap();
         assert_eq!(fs.requirements().passthrough_len, None);
+        let all = FeatureSet::all_named();
+        let mut names = all.names().to_vec();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all.len(), "registry names are unique");
     }
 
     #[test]
@@ -147,13 +380,15 @@ mod tests {
     }
 
     #[test]
-    fn row_values_use_event_time() {
+    fn stateless_values_use_event_time() {
         let fs = FeatureSet::resolve(&[
             "features[1]",
             "amount",
             "log_amount",
             "hour_of_day",
             "day_of_week",
+            "customer_age_years",
+            "home_merchant_distance_km",
         ])
         .unwrap();
         let tx = Transaction {
@@ -161,10 +396,71 @@ mod tests {
             // 2026-11-22T10:00:00.250Z, a Sunday.
             event_time_ms: 1_795_341_600_250,
             features: Some(vec![7.0, 8.5]),
+            customer_birth_date: Some("2000-11-22".into()),
+            customer_lat: Some(48.8566),
+            customer_lon: Some(2.3522),
+            merchant_lat: Some(51.5074),
+            merchant_lon: Some(-0.1278),
             ..Transaction::default()
         };
-        let mut row = Vec::new();
-        fs.extend_row(&tx, &mut row);
-        assert_eq!(row, vec![8.5, 100.0, 101f64.ln() as f32, 10.0, 6.0]);
+        let r = row(&fs, &tx, &Context::empty());
+        assert_eq!(&r[..5], &[8.5, 100.0, 101f64.ln() as f32, 10.0, 6.0]);
+        assert!((r[5] - 26.0).abs() < 0.01, "age {}", r[5]);
+        assert!((r[6] - 343.5).abs() < 1.0, "Paris-London {}", r[6]);
+    }
+
+    #[test]
+    fn history_features_see_the_state_before_the_transaction() {
+        let fs = FeatureSet::resolve(&[
+            "customer_tx_count_1m",
+            "customer_amount_sum_1h",
+            "customer_tx_total",
+            "seconds_since_last_tx",
+            "new_card",
+            "new_device",
+            "amount_vs_customer_mean",
+            "merchant_tx_total",
+            "customer_hour_share",
+        ])
+        .unwrap();
+        let (mut c, mut m) = (CustomerState::default(), MerchantState::default());
+        let ids = Ids {
+            card: Some(1),
+            device: None,
+            ip: Some(9),
+        };
+        let t0 = 1_795_341_600_000;
+        let tx = |dt: i64, amount: f64| Transaction {
+            amount,
+            event_time_ms: t0 + dt,
+            ..Transaction::default()
+        };
+        fn ctx<'a>(c: &'a CustomerState, m: &'a MerchantState, ids: Ids) -> Context<'a> {
+            Context {
+                customer: c,
+                merchant: m,
+                ids,
+            }
+        }
+        // First transaction: no history.
+        assert_eq!(
+            row(&fs, &tx(0, 10.0), &ctx(&c, &m, ids)),
+            vec![0.0, 0.0, 0.0, -1.0, 1.0, -1.0, -1.0, 0.0, -1.0]
+        );
+        apply(&tx(0, 10.0), &ids, &mut c, &mut m);
+        apply(&tx(20_000, 30.0), &ids, &mut c, &mut m);
+        // At 50 s: two in the last minute, 40 in the last hour, 30 s since the last, card
+        // now known.
+        let r = row(&fs, &tx(50_000, 100.0), &ctx(&c, &m, ids));
+        assert_eq!(
+            r,
+            vec![2.0, 40.0, 2.0, 30.0, 0.0, -1.0, 100.0 / 21.0, 2.0, 1.0]
+        );
+        // At 60 s the first transaction's 5-second bucket has left the minute window.
+        let r = row(&fs, &tx(60_000, 100.0), &ctx(&c, &m, ids));
+        assert_eq!(r[0], 1.0);
+        // Two hours later the minute window is empty, the hour window too.
+        let r = row(&fs, &tx(7_200_000, 5.0), &ctx(&c, &m, ids));
+        assert_eq!(&r[..2], &[0.0, 0.0]);
     }
 }

@@ -182,20 +182,23 @@ impl Model {
         })
     }
 
-    /// Scores a micro-batch: the fraud probability of each transaction, in order.
+    /// Scores transactions as if each were its customer's first (no history): for stateless
+    /// models, tests and tools. The pipeline builds rows with state and calls
+    /// [`Self::score_rows`].
     pub fn score<'a, I>(&mut self, txs: I, scores: &mut Vec<f32>) -> Result<(), ModelError>
     where
         I: IntoIterator<Item = &'a crate::decode::Transaction>,
     {
         self.rows.clear();
+        let ctx = crate::features::Context::empty();
         for tx in txs {
-            self.features.extend_row(tx, &mut self.rows);
+            self.features.extend_row(tx, &ctx, &mut self.rows);
         }
-        self.score_rows(scores)
+        self.score_buffer(scores)
     }
 
-    /// Scores the rows in `self.rows` (filled by [`Self::score`] or by tests).
-    fn score_rows(&mut self, scores: &mut Vec<f32>) -> Result<(), ModelError> {
+    /// Scores the rows in `self.rows`.
+    fn score_buffer(&mut self, scores: &mut Vec<f32>) -> Result<(), ModelError> {
         scores.clear();
         let width = self.features.len();
         let n = self.rows.len() / width.max(1);
@@ -228,10 +231,10 @@ impl Model {
         Ok(())
     }
 
-    /// Scores raw rows (already in feature order), for parity checks and benchmarks.
-    pub fn score_raw(&mut self, rows: &[f32], scores: &mut Vec<f32>) -> Result<(), ModelError> {
+    /// Scores rows already in the manifest's feature order (`features.len()` values each).
+    pub fn score_rows(&mut self, rows: &[f32], scores: &mut Vec<f32>) -> Result<(), ModelError> {
         self.rows.clear();
         self.rows.extend_from_slice(rows);
-        self.score_rows(scores)
+        self.score_buffer(scores)
     }
 }

@@ -1,0 +1,14 @@
+//! Per-entity state: event-time windows, entity states and their codec, keyed hashing of
+//! identifiers, and the RocksDB store that holds them with each partition's applied offset.
+//!
+//! This module owns storage only. What the state means (how a transaction updates it and
+//! which features it yields) is in [`crate::features`].
+
+pub mod entities;
+pub mod keys;
+pub mod store;
+pub mod window;
+
+pub use entities::{CustomerState, MerchantState};
+pub use keys::{Hasher, Key};
+pub use store::{StateBatch, StateError, Store};

@@ -1,0 +1,181 @@
+//! Per-entity state: stateful features reach the verdict, and state is applied exactly once
+//! when the scorer is killed and restarted mid-stream.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use fraudstream::decision::Verdict;
+
+use crate::util::*;
+
+const AUDIT: (&str, &str) = ("FRAUDSTREAM__OUTPUT__AUDIT_FEATURES", "true");
+const T0: i64 = 1_795_341_600_000; // 2026-11-22T10:00:00Z
+
+fn tx_json(row: &SampleRow, id: &str, customer: &str, card: &str, t: i64) -> String {
+    row.json(id, customer, t).replace(
+        "\"channel\":\"web\"",
+        &format!("\"channel\":\"web\",\"card_id\":\"{card}\""),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stateful_features_reach_the_verdict() {
+    let t = topics("features", 1).await;
+    let rows = sample();
+    let p = producer();
+    let sends = [
+        ("a1", "alice", "card-1", T0),
+        ("a2", "alice", "card-1", T0 + 20_000),
+        ("b1", "bob", "card-9", T0 + 30_000),
+        ("a3", "alice", "card-2", T0 + 40_000),
+        ("a4", "alice", "card-2", T0 + 3 * 3_600_000),
+    ];
+    for (id, customer, card, time) in sends {
+        let v = tx_json(&rows[0], id, customer, card, time);
+        send(
+            &p,
+            &t.transactions,
+            Some(customer.as_bytes()),
+            Some(v.as_bytes()),
+        )
+        .await;
+    }
+    let mut scorer = Scorer::start(&t, &[AUDIT]);
+    let mut reader = Reader::new(&t.verdicts);
+    assert!(
+        reader
+            .read_until(Duration::from_secs(60), |m| m.len() >= 5)
+            .await,
+        "log:\n{}",
+        scorer.log_text()
+    );
+    let v = verdicts_by_id(&reader.messages);
+    let f = |id: &str, name: &str| v[id][0].features.as_ref().expect("audit features")[name];
+    let amount: f32 = rows[0].amount().parse().unwrap();
+    assert_eq!(f("a1", "customer_tx_count_1m"), 0.0);
+    assert_eq!(f("a1", "seconds_since_last_tx"), -1.0);
+    assert_eq!(f("a1", "new_card"), 1.0);
+    assert_eq!(f("a2", "customer_tx_count_1m"), 1.0);
+    assert_eq!(f("a2", "seconds_since_last_tx"), 20.0);
+    assert_eq!(f("a2", "new_card"), 0.0);
+    assert_eq!(
+        f("b1", "customer_tx_count_1m"),
+        0.0,
+        "bob has his own state"
+    );
+    assert_eq!(f("a3", "customer_tx_count_1m"), 2.0);
+    assert_eq!(f("a3", "new_card"), 1.0);
+    assert_eq!(
+        f("a3", "merchant_tx_total"),
+        3.0,
+        "the merchant saw a1, a2, b1"
+    );
+    assert!((f("a3", "customer_amount_sum_1h") - 2.0 * amount).abs() < 1e-3);
+    assert_eq!(
+        f("a4", "customer_tx_count_1m"),
+        0.0,
+        "event time, not arrival time"
+    );
+    assert_eq!(f("a4", "customer_tx_count_24h"), 3.0);
+    // The model's own inputs are in the audit too.
+    assert_eq!(f("a1", "features[29]"), amount);
+    scorer.signal("TERM");
+    assert!(scorer.wait(Duration::from_secs(30)).success());
+}
+
+fn stream(n: usize) -> Vec<(String, Vec<u8>)> {
+    let rows = sample();
+    (0..n)
+        .map(|i| {
+            let customer = format!("c{}", i % 150);
+            let card = format!("card-{}", (i / 7) % 300);
+            let v = tx_json(
+                &rows[i % rows.len()],
+                &format!("e{i}"),
+                &customer,
+                &card,
+                T0 + i as i64 * 1_000,
+            );
+            (customer, v.into_bytes())
+        })
+        .collect()
+}
+
+async fn all_verdicts(t: &Topics, n: usize, scorer: &Scorer) -> HashMap<String, Vec<Verdict>> {
+    let mut reader = Reader::new(&t.verdicts);
+    let ok = reader
+        .read_until_distinct_keys(Duration::from_secs(180), n)
+        .await;
+    assert!(
+        ok,
+        "{} verdicts; log:\n{}",
+        reader.messages.len(),
+        scorer.log_text()
+    );
+    reader.drain_for(Duration::from_secs(1)).await;
+    verdicts_by_id(&reader.messages)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_is_applied_once_when_killed_and_restarted() {
+    let n = 20_000;
+    let clean = topics("eos-clean", 3).await;
+    send_all(&producer(), &clean.transactions, &stream(n)).await;
+    // The crash run reads the same input with its own group, state and outputs.
+    let crash = {
+        let other = topics("eos-crash", 1).await;
+        Topics {
+            transactions: clean.transactions.clone(),
+            ..other
+        }
+    };
+
+    let mut a = Scorer::start(&clean, &[AUDIT]);
+    let expected = all_verdicts(&clean, n, &a).await;
+    a.signal("TERM");
+    assert!(a.wait(Duration::from_secs(30)).success());
+
+    let mut first = Scorer::start(&crash, &[AUDIT, ("FRAUDSTREAM__BATCH__MAX_RECORDS", "50")]);
+    let mut reader = Reader::new(&crash.verdicts);
+    assert!(
+        reader
+            .read_until(Duration::from_secs(90), |m| m.len() >= 3_000)
+            .await
+    );
+    first.signal("KILL");
+    first.wait(Duration::from_secs(10));
+    reader.drain_for(Duration::from_millis(500)).await;
+    assert!(
+        reader.messages.len() < n,
+        "finished before the kill; the test proves nothing"
+    );
+
+    let second = Scorer::start(&crash, &[AUDIT]);
+    let got = all_verdicts(&crash, n, &second).await;
+    assert!(
+        second
+            .log_text()
+            .contains("Skipped messages already applied")
+            || got.values().all(|c| c.len() == 1),
+        "a restart after SIGKILL either skips applied messages or had none to skip"
+    );
+    let mut compared = 0;
+    for (id, copies) in &got {
+        let want = &expected[id][0];
+        for v in copies {
+            assert_eq!(
+                v.features, want.features,
+                "features of {id} differ from the clean run"
+            );
+            assert_eq!(v.score, want.score, "score of {id}");
+        }
+        compared += 1;
+    }
+    assert_eq!(compared, n);
+    // The windows really vary, so equality is not trivial.
+    let counts: std::collections::HashSet<u32> = expected
+        .values()
+        .map(|c| c[0].features.as_ref().unwrap()["customer_tx_count_1h"] as u32)
+        .collect();
+    assert!(counts.len() > 10, "{counts:?}");
+}
