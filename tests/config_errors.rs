@@ -37,14 +37,7 @@ fn unknown_key_in_file_or_environment_is_named() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn manifest_with_an_unknown_feature_is_refused() {
-    let dir = std::env::temp_dir().join(unique("manifest"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(manifest_path()).unwrap()).unwrap();
-    manifest["features"][3] = "velocity_1h".into();
-    manifest["onnx"] = repo().join("models/ulb-xgb.onnx").to_str().unwrap().into();
-    let path = dir.join("m.json");
-    std::fs::write(&path, manifest.to_string()).unwrap();
+    let path = manifest_with_feature(3, "velocity_1h");
     let port = format!("127.0.0.1:{}", free_port());
     let (code, err) = run(
         &["run", "--config", "docs/fraudstream.toml"],

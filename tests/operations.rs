@@ -37,21 +37,8 @@ async fn consumer_lag_is_exported_per_partition_and_drains_to_zero() {
     while scorer.http_get("/readyz").await.0 != 200 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let rows = sample();
     let n = 20_000;
-    let records: Vec<(String, Vec<u8>)> = rows
-        .iter()
-        .cycle()
-        .take(n)
-        .enumerate()
-        .map(|(i, r)| {
-            let c = format!("c{}", i % 300);
-            (
-                c.clone(),
-                r.json(&format!("l{i}"), &c, 1_795_341_600_000).into_bytes(),
-            )
-        })
-        .collect();
+    let records = sample_stream(n, "l", 300, 1_795_341_600_000, 0);
     send_all(&producer(), &t.transactions, &records).await;
 
     // While the backlog drains, some sample shows a positive lag.

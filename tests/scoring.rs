@@ -15,20 +15,7 @@ async fn n_valid_transactions_give_n_verdicts() {
     let rows = sample();
     let n = 600;
     let now = fraudstream::pipeline::now_ms();
-    let records: Vec<(String, Vec<u8>)> = rows
-        .iter()
-        .cycle()
-        .take(n)
-        .enumerate()
-        .map(|(i, r)| {
-            let customer = format!("c{}", i % 50);
-            (
-                customer.clone(),
-                r.json(&format!("t{i}"), &customer, now + i as i64)
-                    .into_bytes(),
-            )
-        })
-        .collect();
+    let records = sample_stream(n, "t", 50, now, 1);
     send_all(&producer(), &t.transactions, &records).await;
 
     let mut scorer = Scorer::start(&t, &[]);

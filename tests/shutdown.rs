@@ -11,21 +11,7 @@ use crate::util::*;
 const N: usize = 20_000;
 
 async fn produce_stream(t: &Topics) {
-    let rows = sample();
-    let records: Vec<(String, Vec<u8>)> = rows
-        .iter()
-        .cycle()
-        .take(N)
-        .enumerate()
-        .map(|(i, r)| {
-            let customer = format!("c{}", i % 200);
-            (
-                customer.clone(),
-                r.json(&format!("s{i}"), &customer, 1_795_341_600_000 + i as i64)
-                    .into_bytes(),
-            )
-        })
-        .collect();
+    let records = sample_stream(N, "s", 200, 1_795_341_600_000, 1);
     send_all(&producer(), &t.transactions, &records).await;
 }
 

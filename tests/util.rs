@@ -393,6 +393,41 @@ pub fn sample() -> Vec<SampleRow> {
         .collect()
 }
 
+/// `n` JSON transactions cycling through the sample: ids `{prefix}{i}`, customer (and key)
+/// `c{i % customers}`, event time `t0 + i * step_ms`.
+pub fn sample_stream(
+    n: usize,
+    prefix: &str,
+    customers: usize,
+    t0: i64,
+    step_ms: i64,
+) -> Vec<(String, Vec<u8>)> {
+    sample()
+        .iter()
+        .cycle()
+        .take(n)
+        .enumerate()
+        .map(|(i, r)| {
+            let customer = format!("c{}", i % customers);
+            let json = r.json(&format!("{prefix}{i}"), &customer, t0 + i as i64 * step_ms);
+            (customer, json.into_bytes())
+        })
+        .collect()
+}
+
+/// The shipped manifest with feature `index` renamed to `name`, written to a new file.
+pub fn manifest_with_feature(index: usize, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique("manifest"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(manifest_path()).unwrap()).unwrap();
+    manifest["features"][index] = name.into();
+    manifest["onnx"] = repo().join("models/ulb-xgb.onnx").to_str().unwrap().into();
+    let path = dir.join("m.json");
+    std::fs::write(&path, manifest.to_string()).unwrap();
+    path
+}
+
 /// Verdicts by transaction id (every copy, in arrival order).
 pub fn verdicts_by_id(
     messages: &[OwnedMessage],

@@ -49,14 +49,7 @@ async fn every_problem_is_listed() {
     create_topics(&[(&navigation, 2)]).await;
     let missing = unique("validate-missing");
 
-    let dir = std::env::temp_dir().join(unique("validate-manifest"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(manifest_path()).unwrap()).unwrap();
-    manifest["features"][0] = "customer_velocity_1m".into();
-    manifest["onnx"] = repo().join("models/ulb-xgb.onnx").to_str().unwrap().into();
-    let bad_manifest = dir.join("m.json");
-    std::fs::write(&bad_manifest, manifest.to_string()).unwrap();
+    let bad_manifest = manifest_with_feature(0, "customer_velocity_1m");
 
     let (ok, out) = validate(&[
         ("FRAUDSTREAM__TOPICS__TRANSACTIONS", &t.transactions),
