@@ -195,7 +195,7 @@ def main():
             text = urllib.request.urlopen(f"http://{args.metrics}/metrics", timeout=5).read().decode()
             print("metrics (excerpt)")
             for line in text.splitlines():
-                if line.startswith(("fraudstream_verdicts_total", "fraudstream_dead_letters_total")):
+                if line.startswith(("fraudstream_verdicts_total", "fraudstream_dead_letters_total")) and not line.endswith(" 0"):
                     print(f"  {line}")
         except OSError as e:
             print(f"metrics unavailable: {e}")
