@@ -33,6 +33,12 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Report the state store: entities and bytes per entity, by kind. Safe beside a
+    /// running scorer (opens read-only).
+    StateStats {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Check config, model against the feature registry, broker reachability and topics
     /// (partition counts, co-partitioning); list every problem; exit 1 if there is one.
     Validate {
@@ -56,6 +62,7 @@ fn main() -> ExitCode {
     let config = match &cli.command {
         Command::Run { config }
         | Command::CheckConfig { config }
+        | Command::StateStats { config }
         | Command::Validate { config, .. } => config,
     };
     let settings = match Settings::load(config.as_deref(), std::env::vars()) {
@@ -67,6 +74,26 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run { .. } => {}
+        Command::StateStats { .. } => {
+            let stats = fraudstream::state::Store::open_read_only(&settings.state.path)
+                .and_then(|s| s.stats());
+            return match stats {
+                Ok(stats) => {
+                    println!("state store {}", settings.state.path.display());
+                    for (kind, n, bytes) in stats {
+                        let per = if n > 0 { bytes as f64 / n as f64 } else { 0.0 };
+                        println!(
+                            "{kind:<9} {n:>10} entities {bytes:>14} bytes {per:>10.1} bytes each"
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::CheckConfig { .. } => {
             println!("{:#?}", settings.redacted());
             return ExitCode::SUCCESS;

@@ -79,6 +79,33 @@ async fn stateful_features_reach_the_verdict() {
     assert_eq!(f("a4", "customer_tx_count_24h"), 3.0);
     // The model's own inputs are in the audit too.
     assert_eq!(f("a1", "features[29]"), amount);
+
+    // The bytes-per-customer report reads the running scorer's store.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fraudstream"))
+        .args(["state-stats"])
+        .env("FRAUDSTREAM__STATE__PATH", Scorer::state_dir(&t, "a"))
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let customers = report.lines().find(|l| l.starts_with("customer")).unwrap();
+    let n: u64 = customers
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(n, 2, "alice and bob: {report}");
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("merchant") && l.contains(" 1 entities")),
+        "{report}"
+    );
     scorer.signal("TERM");
     assert!(scorer.wait(Duration::from_secs(30)).success());
 }

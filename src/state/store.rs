@@ -69,6 +69,17 @@ impl Store {
         Ok(Store { db })
     }
 
+    /// Opens an existing store for reading only, beside a running scorer (no lock taken).
+    pub fn open_read_only(path: &Path) -> Result<Store, StateError> {
+        let db =
+            DB::open_cf_for_read_only(&Options::default(), path, [CUSTOMER, MERCHANT, META], false)
+                .map_err(|e| StateError::Open {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+        Ok(Store { db })
+    }
+
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         self.db
             .cf_handle(name)
@@ -128,18 +139,23 @@ impl Store {
         Ok(())
     }
 
-    /// Approximate bytes of customer state, for the bytes-per-customer report.
-    pub fn customer_bytes_and_count(&self) -> Result<(u64, u64), StateError> {
-        let (mut bytes, mut n) = (0u64, 0u64);
-        for item in self
-            .db
-            .iterator_cf(self.cf(CUSTOMER), rocksdb::IteratorMode::Start)
-        {
-            let (k, v) = item?;
-            bytes += (k.len() + v.len()) as u64;
-            n += 1;
+    /// Entities and their key + value bytes (uncompressed), per kind: the
+    /// bytes-per-customer report of `fraudstream state-stats`. Scans the whole store.
+    pub fn stats(&self) -> Result<Vec<(&'static str, u64, u64)>, StateError> {
+        let mut out = Vec::new();
+        for kind in [CUSTOMER, MERCHANT] {
+            let (mut n, mut bytes) = (0u64, 0u64);
+            for item in self
+                .db
+                .iterator_cf(self.cf(kind), rocksdb::IteratorMode::Start)
+            {
+                let (k, v) = item?;
+                bytes += (k.len() + v.len()) as u64;
+                n += 1;
+            }
+            out.push((kind, n, bytes));
         }
-        Ok((bytes, n))
+        Ok(out)
     }
 }
 
@@ -176,9 +192,13 @@ mod tests {
             .customer(&key(4, &h.entity("customer", "c1")))
             .unwrap()
             .is_none());
-        let (bytes, n) = store.customer_bytes_and_count().unwrap();
-        assert_eq!(n, 1);
-        assert!(bytes > 20);
+        drop(store);
+        let ro = Store::open_read_only(&dir).unwrap();
+        let stats = ro.stats().unwrap();
+        assert_eq!(stats[0].0, "customer");
+        assert_eq!(stats[0].1, 1);
+        assert!(stats[0].2 > 20);
+        assert_eq!(stats[1].1, 1, "one merchant");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
