@@ -106,6 +106,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         hasher: Hasher::new(secret.as_bytes()),
         audit,
         state: StateBatch::default(),
+        input_topic: settings.topics.transactions.clone(),
         applied: std::collections::HashMap::new(),
         rows: Vec::new(),
         audit_rows: Vec::new(),
@@ -228,8 +229,10 @@ struct Worker {
     audit: Option<FeatureSet>,
     /// The batch's state changes and applied offsets, written after its output is acked.
     state: StateBatch,
-    /// Applied offset per (topic, partition), read from the store once, then kept current.
-    applied: std::collections::HashMap<(String, i32), Option<i64>>,
+    /// The one topic consumed (the transactions topic), whose partitions `applied` keys.
+    input_topic: String,
+    /// Applied offset per partition, read from the store once, then kept current.
+    applied: std::collections::HashMap<i32, Option<i64>>,
     rows: Vec<f32>,
     audit_rows: Vec<f32>,
     verdict_format: VerdictFormat,
@@ -252,13 +255,15 @@ impl Worker {
         let mut valid: BTreeMap<i32, Vec<Transaction>> = BTreeMap::new();
         let mut dead: [u64; ErrorKind::ALL.len()] = [0; ErrorKind::ALL.len()];
         let mut skipped = 0u64;
+        // Highest offset per partition in this batch, keyed without a per-message allocation.
+        let mut last: BTreeMap<i32, i64> = BTreeMap::new();
         for m in batch {
-            let tp = (m.topic().to_string(), m.partition());
-            let applied = match self.applied.get(&tp) {
+            let p = m.partition();
+            let applied = match self.applied.get(&p) {
                 Some(a) => *a,
                 None => {
-                    let a = self.store.applied_offset(&tp.0, tp.1)?;
-                    self.applied.insert(tp.clone(), a);
+                    let a = self.store.applied_offset(&self.input_topic, p)?;
+                    self.applied.insert(p, a);
                     a
                 }
             };
@@ -267,7 +272,7 @@ impl Worker {
                 skipped += 1;
                 continue;
             }
-            let e = self.state.applied.entry(tp).or_insert(m.offset());
+            let e = last.entry(p).or_insert(m.offset());
             *e = (*e).max(m.offset());
             match self.decoder.decode(m.payload()) {
                 Ok(tx) => valid.entry(m.partition()).or_default().push(tx),
@@ -279,6 +284,11 @@ impl Worker {
                     self.records.push(dead_letter(m, &e));
                 }
             }
+        }
+        for (p, offset) in last {
+            self.state
+                .applied
+                .insert((self.input_topic.clone(), p), offset);
         }
         if skipped > 0 {
             tracing::info!(
@@ -377,8 +387,8 @@ impl Worker {
     /// Writes the batch's state and applied offsets in one RocksDB write.
     fn commit_state(&mut self) -> anyhow::Result<()> {
         self.store.commit(&self.state)?;
-        for (tp, offset) in &self.state.applied {
-            self.applied.insert(tp.clone(), Some(*offset));
+        for ((_, p), offset) in &self.state.applied {
+            self.applied.insert(*p, Some(*offset));
         }
         Ok(())
     }
