@@ -87,8 +87,9 @@ impl Default for Settings {
     }
 }
 
-/// Topic names. `navigation`, `labels` and `blocklist` are reserved for the stateful
-/// features; only `transactions`, `verdicts` and `dead-letter` are used so far.
+/// Topic names. `navigation`, `labels` and `blocklist` may be set to "" to run without
+/// them; `changelog` and `repartition` default to `<group-id>-changelog` and
+/// `<group-id>-repartition` (internal topics, created at start when missing).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct Topics {
@@ -98,6 +99,30 @@ pub struct Topics {
     pub blocklist: String,
     pub verdicts: String,
     pub dead_letter: String,
+    /// "" (the default): `<group-id>-changelog`.
+    pub changelog: String,
+    /// "" (the default): `<group-id>-repartition`.
+    pub repartition: String,
+}
+
+impl Settings {
+    /// The changelog topic's name.
+    pub fn changelog_topic(&self) -> String {
+        if self.topics.changelog.is_empty() {
+            format!("{}-changelog", self.group_id)
+        } else {
+            self.topics.changelog.clone()
+        }
+    }
+
+    /// The repartition topic's name.
+    pub fn repartition_topic(&self) -> String {
+        if self.topics.repartition.is_empty() {
+            format!("{}-repartition", self.group_id)
+        } else {
+            self.topics.repartition.clone()
+        }
+    }
 }
 
 impl Default for Topics {
@@ -109,6 +134,8 @@ impl Default for Topics {
             blocklist: "blocklist".into(),
             verdicts: "verdicts".into(),
             dead_letter: "fraudstream-dlq".into(),
+            changelog: String::new(),
+            repartition: String::new(),
         }
     }
 }
@@ -206,6 +233,10 @@ pub struct BatchSettings {
     pub max_records: usize,
     /// How long a batch waits to fill once its first message arrived.
     pub max_wait_ms: u64,
+    /// Timestamp-ordered merge of a partition's inputs: how long a buffered record may wait
+    /// for another input of its partition that has nothing buffered and is not known to be
+    /// caught up (Kafka Streams' `max.task.idle.ms`).
+    pub max_task_idle_ms: u64,
 }
 
 impl Default for BatchSettings {
@@ -213,6 +244,7 @@ impl Default for BatchSettings {
         BatchSettings {
             max_records: 1000,
             max_wait_ms: 5,
+            max_task_idle_ms: 50,
         }
     }
 }
@@ -243,6 +275,9 @@ pub struct StateSettings {
     /// Key for the HMAC that replaces every customer, merchant, card, e-mail, device and IP
     /// identifier in state. Text, or `{ file = "PATH" }`. Changing it orphans existing state.
     pub hmac_secret: KafkaValue,
+    /// Write every state change to the changelog topic and restore from it on assignment,
+    /// so state follows partitions between instances. Off: state is local to an instance.
+    pub changelog: bool,
 }
 
 impl Default for StateSettings {
@@ -250,6 +285,7 @@ impl Default for StateSettings {
         StateSettings {
             path: PathBuf::from("fraudstream-state"),
             hmac_secret: KafkaValue::Text(DEV_HMAC_SECRET.into()),
+            changelog: true,
         }
     }
 }
@@ -263,6 +299,7 @@ impl std::fmt::Debug for StateSettings {
         f.debug_struct("StateSettings")
             .field("path", &self.path)
             .field("hmac_secret", &secret)
+            .field("changelog", &self.changelog)
             .finish()
     }
 }

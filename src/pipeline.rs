@@ -7,7 +7,8 @@
 //! SIGTERM/SIGINT): stop polling, finish the batch in hand, flush the producer, commit the
 //! stored offsets synchronously, return `Ok`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -18,12 +19,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Settings, VerdictFormat};
 use crate::decision::{Decision, Verdict};
-use crate::decode::{DecodeError, Decoder, ErrorKind, Transaction};
-use crate::features::{self, Context as FeatureContext, FeatureSet, Ids};
+use crate::decode::{DecodeError, Decoder, ErrorKind, NavigationEvent, Transaction};
+use crate::features::{self, Context as FeatureContext, Entity, FeatureSet, GlobalHits, Ids};
 use crate::model::{self, Model};
 use crate::sink::{OutRecord, Sink, Topic};
-use crate::source::{self, Source};
-use crate::state::{keys, Hasher, StateBatch, Store};
+use crate::source::global::GlobalReader;
+use crate::source::restore::Restorer;
+use crate::source::{self, Changes, Source};
+use crate::state::global::{self, EntityHashes, GlobalTables};
+use crate::state::{keys, marker_record, EntityKind, Hasher, Key, SessionState, StateBatch, Store};
 use crate::telemetry::{self, Readiness};
 
 /// Dead-letter header names.
@@ -34,6 +38,15 @@ pub mod headers {
     pub const SOURCE_PARTITION: &str = "fraudstream.source.partition";
     pub const SOURCE_OFFSET: &str = "fraudstream.source.offset";
 }
+
+/// Header naming what a repartitioned record is (`transaction` or `navigation`).
+pub const KIND_HEADER: &str = "fraudstream.kind";
+
+/// The inputs of a task, in tie-break order: at equal event time, a navigation event is
+/// applied before a transaction, so the page view of the same millisecond counts.
+const NAV: usize = 0;
+const REPARTITION: usize = 1;
+const TX: usize = 2;
 
 /// Runs fraudstream until `shutdown` is cancelled. Errors are fatal: the caller exits
 /// non-zero, and nothing unacknowledged was committed.
@@ -49,7 +62,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         metrics::counter!(telemetry::VERDICTS, "decision" => d.as_str()).increment(0);
     }
     metrics::counter!(telemetry::PRODUCE_RETRIES).increment(0);
-    metrics::counter!(telemetry::MESSAGES_CONSUMED, "topic" => settings.topics.transactions.clone()).increment(0);
+    metrics::counter!(telemetry::RESTORED_RECORDS).increment(0);
+    metrics::counter!(telemetry::REPARTITIONED).increment(0);
+    for table in ["labels", "blocklist"] {
+        metrics::gauge!(telemetry::GLOBAL_ENTRIES, "table" => table).set(0.0);
+    }
     let (addr, http) = telemetry::serve(
         settings.metrics.listen,
         prometheus,
@@ -74,6 +91,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     if secret == crate::config::DEV_HMAC_SECRET {
         tracing::warn!("Using the development HMAC secret for state keys; set state.hmac-secret in production.");
     }
+    let hasher = Hasher::new(secret.as_bytes());
     let audit = if settings.output.audit_features {
         let mut names = model.features.names().to_vec();
         for n in FeatureSet::all_named().names() {
@@ -86,33 +104,90 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         None
     };
     let sink = Sink::new(&settings)?;
-    let consumer = source::consumer(&settings, readiness)?;
+    let (consumer, changes) = source::consumer(&settings, readiness.clone())?;
     let topics = &settings.topics;
-    source::check_topics(
-        &consumer,
-        &[&topics.transactions, &topics.verdicts, &topics.dead_letter],
-        &shutdown,
-    )
-    .await?;
+    let navigation = (!topics.navigation.is_empty()).then(|| topics.navigation.clone());
+    let mut required = vec![
+        topics.transactions.as_str(),
+        &topics.verdicts,
+        &topics.dead_letter,
+    ];
+    required.extend(navigation.as_deref());
+    source::check_topics(&consumer, &required, &shutdown).await?;
+
+    // Co-partitioning: partition p of every input is one task, on one instance.
+    let repartition = settings.repartition_topic();
+    let changelog = settings.state.changelog.then(|| settings.changelog_topic());
+    let counts = source::partition_counts(&consumer, &[&topics.transactions])?;
+    let partitions = counts[0].unwrap_or(0);
+    if let Some(nav) = &navigation {
+        let n = source::partition_counts(&consumer, &[nav])?[0].unwrap_or(0);
+        if n != partitions {
+            anyhow::bail!(
+                "topic `{nav}` (navigation) has {n} partitions but `{}` (transactions) has {partitions}: they must be co-partitioned (same key, same partition count)",
+                topics.transactions
+            );
+        }
+    }
+    let mut internal = vec![(repartition.clone(), false)];
+    internal.extend(changelog.iter().map(|c| (c.clone(), true)));
+    source::restore::create_internal_topics(&settings, &internal, partitions as i32).await?;
+    for (name, _) in &internal {
+        let n = source::partition_counts(&consumer, &[name])?[0].unwrap_or(0);
+        if n != partitions {
+            anyhow::bail!(
+                "internal topic `{name}` has {n} partitions but `{}` has {partitions}; recreate it with {partitions}",
+                topics.transactions
+            );
+        }
+    }
+
+    let global = GlobalReader::start(&settings, hasher.clone(), shutdown.clone())?;
+    global.wait_loaded(&shutdown).await?;
+    readiness.set_global_loaded(true);
+    let restorer = match &changelog {
+        Some(_) => Some(Restorer::new(&settings)?),
+        None => None,
+    };
+
+    let mut inputs: [Option<String>; 3] = [None, None, None];
+    inputs[NAV] = navigation;
+    inputs[REPARTITION] = Some(repartition);
+    inputs[TX] = Some(topics.transactions.clone());
+    let subscribed: Vec<&str> = inputs.iter().flatten().map(String::as_str).collect();
+    for t in &subscribed {
+        metrics::counter!(telemetry::MESSAGES_CONSUMED, "topic" => t.to_string()).increment(0);
+    }
     consumer
-        .subscribe(&[&topics.transactions])
+        .subscribe(&subscribed)
         .context("cannot subscribe")?;
-    tracing::info!(topic = %topics.transactions, group = %settings.group_id, "Consuming.");
+    tracing::info!(topics = ?subscribed, group = %settings.group_id, "Consuming.");
 
     let mut worker = Worker {
         decoder,
         model,
         store,
-        hasher: Hasher::new(secret.as_bytes()),
+        hasher,
         audit,
+        global: global.tables.clone(),
+        restorer,
+        readiness,
+        changes,
+        inputs,
+        max_task_idle: Duration::from_millis(settings.batch.max_task_idle_ms),
+        tasks: BTreeMap::new(),
+        next_offset: HashMap::new(),
+        buffered: 0,
         state: StateBatch::default(),
-        input_topic: settings.topics.transactions.clone(),
-        applied: std::collections::HashMap::new(),
+        applied: HashMap::new(),
+        ready: Vec::new(),
         rows: Vec::new(),
         audit_rows: Vec::new(),
         verdict_format: settings.output.verdict_format,
         verdict_schema_id: settings.output.verdict_schema_id,
         records: Vec::new(),
+        markers: Vec::new(),
+        repair: Vec::new(),
         scores: Vec::new(),
         decisions: Vec::new(),
     };
@@ -149,53 +224,79 @@ async fn consume_loop(
 ) -> anyhow::Result<()> {
     let max_records = settings.batch.max_records;
     let max_wait = Duration::from_millis(settings.batch.max_wait_ms);
-    let mut batch: Vec<OwnedMessage> = Vec::with_capacity(max_records);
+    let mut consumed: HashMap<usize, u64> = HashMap::new();
     loop {
-        batch.clear();
+        // Wait for a message; with records held back by the merge, only until one of them
+        // may go regardless.
+        let first_wait = if worker.buffered > 0 {
+            worker
+                .max_task_idle
+                .min(max_wait.max(Duration::from_millis(1)))
+        } else {
+            Duration::from_secs(3600)
+        };
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(()),
-            m = consumer.recv() => match m {
-                Ok(m) => batch.push(m.detach()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "Consumer error.");
-                    continue;
+            _ = tokio::time::sleep(first_wait) => {}
+            m = consumer.recv() => {
+                worker.handle_changes(consumer)?;
+                match m {
+                    Ok(m) => worker.accept(m.detach(), &mut consumed),
+                    Err(e) => tracing::warn!(error = %e, "Consumer error."),
                 }
-            },
+            }
         }
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + max_wait;
-        while batch.len() < max_records {
+        while worker.buffered < max_records {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep_until(deadline) => break,
-                m = consumer.recv() => match m {
-                    Ok(m) => batch.push(m.detach()),
-                    Err(e) => tracing::warn!(error = %e, "Consumer error."),
-                },
+                m = consumer.recv() => {
+                    worker.handle_changes(consumer)?;
+                    match m {
+                        Ok(m) => worker.accept(m.detach(), &mut consumed),
+                        Err(e) => tracing::warn!(error = %e, "Consumer error."),
+                    }
+                }
             }
         }
-        metrics::counter!(telemetry::MESSAGES_CONSUMED, "topic" => settings.topics.transactions.clone())
-            .increment(batch.len() as u64);
+        for (input, n) in consumed.drain() {
+            if let Some(topic) = &worker.inputs[input] {
+                metrics::counter!(telemetry::MESSAGES_CONSUMED, "topic" => topic.clone())
+                    .increment(n);
+            }
+        }
 
-        worker.process(&batch)?;
+        worker.select_ready(consumer, max_records);
+        if worker.ready.is_empty() {
+            continue;
+        }
+        worker.process()?;
         sink.deliver(&worker.records, shutdown).await?;
         let acked_ms = now_ms();
         worker.record_delivered(acked_ms);
+        // The changelog markers only once the verdicts and the entity records are acked: a
+        // restore applies nothing after the last marker, so restored state never includes a
+        // transaction whose verdict might be missing.
+        let changelog = sink.deliver(&worker.markers, shutdown).await?;
         // State after the output: a crash in between re-delivers the batch, which is then
         // scored again from the old state into identical verdicts. After this write, messages
         // at or below the applied offsets are skipped, so state is applied exactly once.
+        worker.state.changelog = changelog;
         worker.commit_state()?;
-        store_offsets(consumer, &batch);
+        store_offsets(consumer, &worker.ready);
         metrics::histogram!(telemetry::BATCH_DURATION).record(started.elapsed().as_secs_f64());
     }
 }
 
 /// Stores `offset + 1` of the last message of each partition in the batch.
-fn store_offsets(consumer: &Source, batch: &[OwnedMessage]) {
+fn store_offsets(consumer: &Source, batch: &[Pending]) {
     let mut last: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-    for m in batch {
+    for p in batch {
+        let m = &p.msg;
         let e = last.entry((m.topic(), m.partition())).or_insert(m.offset());
         *e = (*e).max(m.offset());
     }
@@ -218,6 +319,34 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// A consumed message waiting for its turn in its partition's timestamp order.
+struct Pending {
+    msg: OwnedMessage,
+    input: usize,
+    event: Event,
+    /// Event time; `i64::MIN` for records that touch no state (they go first).
+    ts: i64,
+    arrived: Instant,
+}
+
+enum Event {
+    Tx(Box<Transaction>),
+    Nav(NavigationEvent),
+    /// Poison: dead-lettered.
+    Bad(DecodeError),
+    /// Not keyed by its customer: re-keyed through the repartition topic (`kind` header).
+    Forward {
+        kind: &'static str,
+        customer: String,
+    },
+}
+
+/// Partition p of each input.
+#[derive(Default)]
+struct Task {
+    queues: [VecDeque<Pending>; 3],
+}
+
 /// The per-batch work, with buffers reused across batches.
 struct Worker {
     decoder: Decoder,
@@ -227,68 +356,358 @@ struct Worker {
     hasher: Hasher,
     /// With `output.audit-features`: the features put into each verdict.
     audit: Option<FeatureSet>,
+    /// Labels and blocklist, kept current by their reader thread.
+    global: Arc<RwLock<GlobalTables>>,
+    /// With the changelog on: rebuilds a newly assigned partition's state.
+    restorer: Option<Restorer>,
+    readiness: Readiness,
+    /// Assignment changes reported by the consumer's rebalance callbacks.
+    changes: Arc<Mutex<Changes>>,
+    /// Input topic names by [`NAV`], [`REPARTITION`], [`TX`]; `None` when not read.
+    inputs: [Option<String>; 3],
+    max_task_idle: Duration,
+    /// Buffered records per partition.
+    tasks: BTreeMap<i32, Task>,
+    /// Next offset to arrive per (input, partition): with the high watermark, whether an
+    /// input with nothing buffered is caught up.
+    next_offset: HashMap<(usize, i32), i64>,
+    /// Records buffered in `tasks`.
+    buffered: usize,
     /// The batch's state changes and applied offsets, written after its output is acked.
     state: StateBatch,
-    /// The one topic consumed (the transactions topic), whose partitions `applied` keys.
-    input_topic: String,
-    /// Applied offset per partition, read from the store once, then kept current.
-    applied: std::collections::HashMap<i32, Option<i64>>,
+    /// Applied offset per (input, partition), read from the store once, then kept current.
+    applied: HashMap<(usize, i32), Option<i64>>,
+    /// This batch's records, in processing order.
+    ready: Vec<Pending>,
     rows: Vec<f32>,
     audit_rows: Vec<f32>,
     verdict_format: VerdictFormat,
     verdict_schema_id: Option<u32>,
-    /// What the batch produces: verdicts and dead letters, in consumption order per partition.
+    /// What the batch produces: verdicts, dead letters, repartitioned records, changelog.
     records: Vec<OutRecord>,
+    /// The batch's changelog markers, produced once `records` are acknowledged.
+    markers: Vec<OutRecord>,
+    /// Entities whose changelog value may be ahead of the restored state: re-written by
+    /// the next batch.
+    repair: Vec<(EntityKind, Key)>,
     scores: Vec<f32>,
     /// (decision, event time) of each verdict in `records`, counted once acknowledged.
     decisions: Vec<(Decision, i64)>,
 }
 
 impl Worker {
-    /// Decodes, computes features from state, scores and encodes a batch into
-    /// `self.records`, collecting state changes in `self.state`. An error (model, state) is
-    /// fatal, and the batch's offsets are not stored.
-    fn process(&mut self, batch: &[OwnedMessage]) -> anyhow::Result<()> {
+    /// Applies rebalances reported since the last call: drops what was buffered for revoked
+    /// partitions (their new owner reads them again from the last commit) and restores the
+    /// state of assigned ones before any of their records is processed.
+    fn handle_changes(&mut self, consumer: &Source) -> anyhow::Result<()> {
+        let changes = match self.changes.lock() {
+            Ok(mut c) if !c.assigned.is_empty() || !c.revoked.is_empty() => std::mem::take(&mut *c),
+            _ => return Ok(()),
+        };
+        for p in &changes.revoked {
+            if let Some(task) = self.tasks.remove(p) {
+                self.buffered -= task.queues.iter().map(VecDeque::len).sum::<usize>();
+            }
+            self.applied.retain(|(_, q), _| q != p);
+            self.next_offset.retain(|(_, q), _| q != p);
+        }
+        let inputs: Vec<(usize, String)> = self
+            .inputs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.clone().map(|t| (i, t)))
+            .collect();
+        let mut pending = changes.assigned.len();
+        self.readiness.set_restoring(pending);
+        for &p in &changes.assigned {
+            self.applied.retain(|(_, q), _| *q != p);
+            if let Some(r) = &self.restorer {
+                let names: Vec<&str> = inputs.iter().map(|(_, t)| t.as_str()).collect();
+                let restored = r.restore(&self.store, p, &names)?;
+                self.repair.extend(restored.repair);
+            }
+            pending -= 1;
+            self.readiness.set_restoring(pending);
+            // Where each input resumes: with the high watermark, whether it is caught up.
+            let mut tpl = TopicPartitionList::new();
+            for (_, t) in &inputs {
+                tpl.add_partition(t, p);
+            }
+            if let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+                for (i, t) in &inputs {
+                    let next = match committed.find_partition(t, p).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => Some(o),
+                        _ => consumer
+                            .fetch_watermarks(t, p, Duration::from_secs(10))
+                            .ok()
+                            .map(|(low, _)| low),
+                    };
+                    if let Some(o) = next {
+                        self.next_offset.insert((*i, p), o);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn input_of(&self, topic: &str) -> Option<usize> {
+        self.inputs.iter().position(|t| t.as_deref() == Some(topic))
+    }
+
+    /// Decodes a consumed message and buffers it in its task.
+    fn accept(&mut self, msg: OwnedMessage, consumed: &mut HashMap<usize, u64>) {
+        let Some(input) = self.input_of(msg.topic()) else {
+            return;
+        };
+        *consumed.entry(input).or_default() += 1;
+        let p = msg.partition();
+        self.next_offset.insert((input, p), msg.offset() + 1);
+        let kind = if input == REPARTITION {
+            match crate::sink::header(&msg, KIND_HEADER).as_deref() {
+                Some("navigation") => NAV,
+                _ => TX,
+            }
+        } else {
+            input
+        };
+        let keyed_by =
+            |customer: &str| input == REPARTITION || msg.key() == Some(customer.as_bytes());
+        let event = if kind == NAV {
+            match self.decoder.decode_navigation(msg.payload()) {
+                Ok(n) if keyed_by(&n.customer_id) => Event::Nav(n),
+                Ok(n) => Event::Forward {
+                    kind: "navigation",
+                    customer: n.customer_id,
+                },
+                Err(e) => Event::Bad(e),
+            }
+        } else {
+            match self.decoder.decode(msg.payload()) {
+                Ok(tx) if keyed_by(&tx.customer_id) => Event::Tx(Box::new(tx)),
+                Ok(tx) => Event::Forward {
+                    kind: "transaction",
+                    customer: tx.customer_id,
+                },
+                Err(e) => Event::Bad(e),
+            }
+        };
+        let ts = match &event {
+            Event::Tx(tx) => tx.event_time_ms,
+            Event::Nav(n) => n.event_time_ms,
+            Event::Bad(_) | Event::Forward { .. } => i64::MIN,
+        };
+        self.tasks.entry(p).or_default().queues[input].push_back(Pending {
+            msg,
+            input,
+            event,
+            ts,
+            arrived: Instant::now(),
+        });
+        self.buffered += 1;
+    }
+
+    /// Whether `input`'s partition `p` has nothing more to deliver right now: everything up
+    /// to the high watermark of the last fetch has arrived.
+    fn caught_up(&self, consumer: &Source, input: usize, p: i32) -> bool {
+        let Some(topic) = &self.inputs[input] else {
+            return true;
+        };
+        match (
+            self.next_offset.get(&(input, p)),
+            source::cached_high_watermark(consumer, topic, p),
+        ) {
+            (Some(next), Some(high)) => *next >= high,
+            _ => false,
+        }
+    }
+
+    /// Moves records that may be processed into `self.ready`, in each partition's
+    /// event-time order across its inputs (Kafka Streams' rule): the earliest head goes
+    /// first, unless an input with nothing buffered may still deliver an earlier record, in
+    /// which case the partition waits, at most `batch.max-task-idle-ms`.
+    fn select_ready(&mut self, consumer: &Source, max_records: usize) {
+        self.ready.clear();
+        let partitions: Vec<i32> = self.tasks.keys().copied().collect();
+        let merge_wait = metrics::histogram!(telemetry::MERGE_WAIT);
+        for p in partitions {
+            loop {
+                if self.ready.len() >= max_records {
+                    return;
+                }
+                let task = &self.tasks[&p];
+                let head = (0..3)
+                    .filter_map(|i| task.queues[i].front().map(|h| (h.ts, i)))
+                    .min();
+                let Some((ts, i)) = head else { break };
+                if ts != i64::MIN {
+                    let arrived = task.queues[i].front().expect("head").arrived;
+                    let waiting_for_other = (0..3).any(|j| {
+                        j != i
+                            && self.inputs[j].is_some()
+                            && task.queues[j].is_empty()
+                            && !self.caught_up(consumer, j, p)
+                    });
+                    if waiting_for_other && arrived.elapsed() < self.max_task_idle {
+                        break;
+                    }
+                    if i == TX {
+                        merge_wait.record(arrived.elapsed().as_secs_f64());
+                    }
+                }
+                let rec = self.tasks.get_mut(&p).expect("task").queues[i]
+                    .pop_front()
+                    .expect("head");
+                self.buffered -= 1;
+                self.ready.push(rec);
+            }
+        }
+    }
+
+    fn applied_offset(&mut self, input: usize, p: i32) -> anyhow::Result<Option<i64>> {
+        if let Some(a) = self.applied.get(&(input, p)) {
+            return Ok(*a);
+        }
+        let topic = self.inputs[input].as_deref().unwrap_or_default();
+        let a = self.store.applied_offset(topic, p)?;
+        self.applied.insert((input, p), a);
+        Ok(a)
+    }
+
+    /// Processes `self.ready` in order: navigation events into sessions, transactions into
+    /// features (from the state before them) and then into state, bad records into dead
+    /// letters, mis-keyed ones into the repartition topic; then scores each partition's
+    /// transactions and encodes verdicts into `self.records`, and the state changes into
+    /// changelog records. An error (model, state) is fatal, and no offset is stored.
+    fn process(&mut self) -> anyhow::Result<()> {
         self.records.clear();
+        self.markers.clear();
         self.decisions.clear();
         self.state.clear();
-        let mut valid: BTreeMap<i32, Vec<Transaction>> = BTreeMap::new();
-        let mut dead: [u64; ErrorKind::ALL.len()] = [0; ErrorKind::ALL.len()];
-        let mut skipped = 0u64;
-        // Highest offset per partition in this batch, keyed without a per-message allocation.
-        let mut last: BTreeMap<i32, i64> = BTreeMap::new();
-        for m in batch {
-            let p = m.partition();
-            let applied = match self.applied.get(&p) {
-                Some(a) => *a,
-                None => {
-                    let a = self.store.applied_offset(&self.input_topic, p)?;
-                    self.applied.insert(p, a);
-                    a
+        for (kind, key) in std::mem::take(&mut self.repair) {
+            match kind {
+                EntityKind::Customer => {
+                    if let Some(v) = self.store.customer(&key)? {
+                        self.state.customers.insert(key, v);
+                    }
                 }
-            };
-            if applied.is_some_and(|a| m.offset() <= a) {
-                // Applied to state, and its output acknowledged, before a restart.
+                EntityKind::Merchant => {
+                    if let Some(v) = self.store.merchant(&key)? {
+                        self.state.merchants.insert(key, v);
+                    }
+                }
+                EntityKind::Session => {
+                    if let Some(v) = self.store.session(&key)? {
+                        self.state.sessions.insert(key, v);
+                    }
+                }
+            }
+        }
+        let mut dead: [u64; ErrorKind::ALL.len()] = [0; ErrorKind::ALL.len()];
+        let (mut skipped, mut forwarded) = (0u64, 0u64);
+        let ready = std::mem::take(&mut self.ready);
+        let global = self.global.clone();
+        let tables = global
+            .read()
+            .map_err(|_| anyhow::anyhow!("global tables poisoned"))?;
+        let scored_at = now_ms();
+        // Transactions of the current partition, scored together.
+        let mut txs: Vec<&Transaction> = Vec::new();
+        let mut current: Option<i32> = None;
+        for rec in &ready {
+            let p = rec.msg.partition();
+            if current != Some(p) {
+                if let Some(cp) = current {
+                    self.score_partition(cp, &txs, scored_at)?;
+                }
+                txs.clear();
+                current = Some(p);
+            }
+            let topic = self.inputs[rec.input].clone().unwrap_or_default();
+            let applied = self.applied_offset(rec.input, p)?;
+            if applied.is_some_and(|a| rec.msg.offset() <= a) {
+                // Applied to state, and its output acknowledged, before a restart. (Not
+                // recorded as applied again: that would move the applied offset back.)
                 skipped += 1;
                 continue;
             }
-            let e = last.entry(p).or_insert(m.offset());
-            *e = (*e).max(m.offset());
-            match self.decoder.decode(m.payload()) {
-                Ok(tx) => valid.entry(m.partition()).or_default().push(tx),
-                Err(e) => {
+            let e = self
+                .state
+                .applied
+                .entry((topic, p))
+                .or_insert(rec.msg.offset());
+            *e = (*e).max(rec.msg.offset());
+            match &rec.event {
+                Event::Tx(tx) => {
+                    self.features_and_apply(p, tx, &tables)?;
+                    txs.push(tx);
+                }
+                Event::Nav(n) => self.apply_navigation(p, n)?,
+                Event::Bad(e) => {
                     dead[ErrorKind::ALL
                         .iter()
                         .position(|k| *k == e.kind)
                         .unwrap_or(0)] += 1;
-                    self.records.push(dead_letter(m, &e));
+                    self.records.push(dead_letter(&rec.msg, e));
+                }
+                Event::Forward { kind, customer } => {
+                    forwarded += 1;
+                    let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+                        key: KIND_HEADER,
+                        value: Some(*kind),
+                    });
+                    self.records.push(OutRecord {
+                        topic: Topic::Repartition,
+                        partition: None,
+                        key: Some(customer.clone().into_bytes()),
+                        payload: rec.msg.payload().map(<[u8]>::to_vec),
+                        headers: Some(headers),
+                    });
                 }
             }
         }
-        for (p, offset) in last {
-            self.state
-                .applied
-                .insert((self.input_topic.clone(), p), offset);
+        if let Some(cp) = current {
+            self.score_partition(cp, &txs, scored_at)?;
+        }
+        drop(txs);
+        drop(tables);
+        self.ready = ready;
+        if self.restorer.is_some() {
+            let mut partitions: std::collections::BTreeSet<i32> = BTreeSet::new();
+            for (p, key, value) in self.state.changelog_records() {
+                partitions.insert(p);
+                self.records.push(OutRecord {
+                    topic: Topic::Changelog,
+                    partition: Some(p),
+                    key: Some(key),
+                    payload: Some(value),
+                    headers: None,
+                });
+            }
+            partitions.extend(self.state.applied.keys().map(|(_, p)| *p));
+            for p in partitions {
+                let mut applied = Vec::new();
+                for i in 0..3 {
+                    let Some(topic) = self.inputs[i].clone() else {
+                        continue;
+                    };
+                    let offset = match self.state.applied.get(&(topic.clone(), p)) {
+                        Some(o) => Some(*o),
+                        None => self.applied_offset(i, p)?,
+                    };
+                    if let Some(o) = offset {
+                        applied.push((topic, o));
+                    }
+                }
+                let (key, value) = marker_record(p, &applied);
+                self.markers.push(OutRecord {
+                    topic: Topic::Changelog,
+                    partition: Some(p),
+                    key: Some(key),
+                    payload: Some(value),
+                    headers: None,
+                });
+            }
         }
         if skipped > 0 {
             tracing::info!(
@@ -296,71 +715,147 @@ impl Worker {
                 "Skipped messages already applied before a restart."
             );
         }
+        if forwarded > 0 {
+            metrics::counter!(telemetry::REPARTITIONED).increment(forwarded);
+        }
         for (kind, n) in ErrorKind::ALL.iter().zip(dead) {
             if n > 0 {
                 tracing::warn!(kind = kind.as_str(), count = n, "Messages dead-lettered.");
                 metrics::counter!(telemetry::DEAD_LETTERS, "kind" => kind.as_str()).increment(n);
             }
         }
-        let scored_at = now_ms();
-        for (partition, txs) in &valid {
-            self.rows.clear();
-            self.audit_rows.clear();
-            for tx in txs {
-                self.features_and_apply(*partition, tx)?;
-            }
-            let t = Instant::now();
-            self.model.score_rows(&self.rows, &mut self.scores)?;
-            metrics::histogram!(telemetry::SCORING_DURATION).record(t.elapsed().as_secs_f64());
-            metrics::histogram!(telemetry::SCORING_BATCH_ROWS).record(txs.len() as f64);
-            let manifest = &self.model.manifest;
-            for (i, (tx, &score)) in txs.iter().zip(&self.scores).enumerate() {
-                let mut verdict = Verdict::new(
-                    tx,
-                    score,
-                    &manifest.thresholds,
-                    &manifest.model_version,
-                    scored_at,
-                );
-                if let Some(audit) = &self.audit {
-                    let row = &self.audit_rows[i * audit.len()..(i + 1) * audit.len()];
-                    verdict.features = Some(
-                        audit
-                            .names()
-                            .iter()
-                            .cloned()
-                            .zip(row.iter().copied())
-                            .collect(),
-                    );
-                }
-                let mut payload = Vec::with_capacity(256);
-                match self.verdict_format {
-                    VerdictFormat::Json => verdict.write_json(&mut payload),
-                    VerdictFormat::Avro => verdict.write_avro(self.verdict_schema_id, &mut payload),
-                }
-                self.decisions.push((verdict.decision, verdict.event_time));
-                self.records.push(OutRecord {
-                    topic: Topic::Verdicts,
-                    key: Some(verdict.transaction_id.into_bytes()),
-                    payload: Some(payload),
-                    headers: None,
-                });
-            }
-        }
         Ok(())
     }
 
-    /// Appends the transaction's model row (and audit row) computed from its customer's and
-    /// merchant's state, then applies the transaction to that state.
-    fn features_and_apply(&mut self, partition: i32, tx: &Transaction) -> anyhow::Result<()> {
+    /// Scores the rows collected for one partition's transactions and encodes their verdicts.
+    fn score_partition(
+        &mut self,
+        _partition: i32,
+        txs: &[&Transaction],
+        scored_at: i64,
+    ) -> anyhow::Result<()> {
+        if txs.is_empty() {
+            return Ok(());
+        }
+        let t = Instant::now();
+        self.model.score_rows(&self.rows, &mut self.scores)?;
+        metrics::histogram!(telemetry::SCORING_DURATION).record(t.elapsed().as_secs_f64());
+        metrics::histogram!(telemetry::SCORING_BATCH_ROWS).record(txs.len() as f64);
+        let manifest = &self.model.manifest;
+        for (i, (tx, &score)) in txs.iter().zip(&self.scores).enumerate() {
+            let mut verdict = Verdict::new(
+                tx,
+                score,
+                &manifest.thresholds,
+                &manifest.model_version,
+                scored_at,
+            );
+            if let Some(audit) = &self.audit {
+                let row = &self.audit_rows[i * audit.len()..(i + 1) * audit.len()];
+                verdict.features = Some(
+                    audit
+                        .names()
+                        .iter()
+                        .cloned()
+                        .zip(row.iter().copied())
+                        .collect(),
+                );
+            }
+            let mut payload = Vec::with_capacity(256);
+            match self.verdict_format {
+                VerdictFormat::Json => verdict.write_json(&mut payload),
+                VerdictFormat::Avro => verdict.write_avro(self.verdict_schema_id, &mut payload),
+            }
+            self.decisions.push((verdict.decision, verdict.event_time));
+            self.records.push(OutRecord {
+                topic: Topic::Verdicts,
+                partition: None,
+                key: Some(verdict.transaction_id.into_bytes()),
+                payload: Some(payload),
+                headers: None,
+            });
+        }
+        self.rows.clear();
+        self.audit_rows.clear();
+        Ok(())
+    }
+
+    fn session_key(&self, partition: i32, customer: &str, session: &str) -> Key {
+        keys::key(
+            partition,
+            &self.hasher.entity_pair("session", customer, session),
+        )
+    }
+
+    /// Loads a session into the batch's state (if not there yet) and expires it if idle.
+    fn session_mut(&mut self, key: Key, t: i64) -> anyhow::Result<&mut SessionState> {
+        if !self.state.sessions.contains_key(&key) {
+            let s = self.store.session(&key)?.unwrap_or_default();
+            self.state.sessions.insert(key, s);
+        }
+        let s = self.state.sessions.get_mut(&key).expect("inserted above");
+        let last = (s.events > 0).then_some(s.last_event_ms);
+        features::expire_idle(s, last, t);
+        Ok(s)
+    }
+
+    fn apply_navigation(&mut self, partition: i32, n: &NavigationEvent) -> anyhow::Result<()> {
+        let key = self.session_key(partition, &n.customer_id, &n.session_id);
+        let device = n
+            .device_id
+            .as_deref()
+            .map(|v| self.hasher.short("device", v));
+        let ip = n.ip.as_deref().map(|v| self.hasher.short("ip", v));
+        self.store.advance_watermark(n.event_time_ms);
+        let session = self.session_mut(key, n.event_time_ms)?;
+        features::apply_navigation(n, device, ip, session);
+        Ok(())
+    }
+
+    /// Appends the transaction's model row (and audit row) computed from its customer's,
+    /// merchant's and session's state and the global tables, then applies the transaction
+    /// to that state.
+    fn features_and_apply(
+        &mut self,
+        partition: i32,
+        tx: &Transaction,
+        tables: &GlobalTables,
+    ) -> anyhow::Result<()> {
         let h = &self.hasher;
-        let ck = keys::key(partition, &h.entity("customer", &tx.customer_id));
+        let t = tx.event_time_ms;
+        let customer_hash = h.entity("customer", &tx.customer_id);
+        let ck = keys::key(partition, &customer_hash);
         let mk = keys::key(partition, &h.entity("merchant", &tx.merchant_id));
         let ids = Ids {
             card: tx.card_id.as_deref().map(|v| h.short("card", v)),
             device: tx.device_id.as_deref().map(|v| h.short("device", v)),
             ip: tx.ip.as_deref().map(|v| h.short("ip", v)),
         };
+        let global_hits = if tables.sizes() == (0, 0) {
+            GlobalHits::default()
+        } else {
+            let mut e: EntityHashes = [None; 6];
+            e[Entity::Customer.index()] = Some(u64::from_le_bytes(
+                customer_hash[..8].try_into().expect("8"),
+            ));
+            e[Entity::Card.index()] = ids.card;
+            e[Entity::Device.index()] = ids.device;
+            e[Entity::Ip.index()] = ids.ip;
+            if let Some(email) = &tx.email {
+                e[Entity::Email.index()] = Some(global::hash(h, Entity::Email, email));
+                e[Entity::EmailDomain.index()] =
+                    global::email_domain(email).map(|d| global::hash(h, Entity::EmailDomain, d));
+            }
+            tables.hits(&e, t)
+        };
+        let sk = tx
+            .session_id
+            .as_deref()
+            .map(|s| self.session_key(partition, &tx.customer_id, s));
+        self.store.advance_watermark(t);
+        if let Some(sk) = sk {
+            self.session_mut(sk, t)?;
+        }
         if !self.state.customers.contains_key(&ck) {
             let c = self.store.customer(&ck)?.unwrap_or_default();
             self.state.customers.insert(ck, c);
@@ -370,11 +865,17 @@ impl Worker {
             self.state.merchants.insert(mk, m);
         }
         let customer = self.state.customers.get_mut(&ck).expect("inserted above");
+        let last = customer.last_event_ms;
+        features::expire_idle(customer, last, t);
         let merchant = self.state.merchants.get_mut(&mk).expect("inserted above");
+        let last = merchant.last_event_ms;
+        features::expire_idle(merchant, last, t);
         let ctx = FeatureContext {
             customer,
             merchant,
+            session: sk.and_then(|k| self.state.sessions.get(&k)),
             ids,
+            global: global_hits,
         };
         self.model.features.extend_row(tx, &ctx, &mut self.rows);
         if let Some(audit) = &self.audit {
@@ -387,8 +888,10 @@ impl Worker {
     /// Writes the batch's state and applied offsets in one RocksDB write.
     fn commit_state(&mut self) -> anyhow::Result<()> {
         self.store.commit(&self.state)?;
-        for ((_, p), offset) in &self.state.applied {
-            self.applied.insert(*p, Some(*offset));
+        for ((topic, p), offset) in &self.state.applied {
+            if let Some(i) = self.input_of(topic) {
+                self.applied.insert((i, *p), Some(*offset));
+            }
         }
         Ok(())
     }
@@ -437,6 +940,7 @@ fn dead_letter(m: &OwnedMessage, e: &DecodeError) -> OutRecord {
         });
     OutRecord {
         topic: Topic::DeadLetter,
+        partition: None,
         key: m.key().map(<[u8]>::to_vec),
         payload: m.payload().map(<[u8]>::to_vec),
         headers: Some(headers),

@@ -150,7 +150,7 @@ async fn state_is_applied_once_when_killed_and_restarted() {
     send_all(&producer(), &clean.transactions, &stream(n)).await;
     // The crash run reads the same input with its own group, state and outputs.
     let crash = {
-        let other = topics("eos-crash", 1).await;
+        let other = topics("eos-crash", 3).await;
         Topics {
             transactions: clean.transactions.clone(),
             ..other

@@ -188,6 +188,9 @@ async fn scores_over_tls() {
 
     let t = Topics {
         transactions: tx,
+        navigation: String::new(),
+        labels: String::new(),
+        blocklist: String::new(),
         verdicts: verdicts.clone(),
         dead_letter: dlq,
         group: unique("tls-group"),

@@ -38,24 +38,34 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// Topic names for one test: input, verdicts, dead letters.
+/// Topic names for one test: inputs, global tables, verdicts, dead letters.
 pub struct Topics {
     pub transactions: String,
+    pub navigation: String,
+    pub labels: String,
+    pub blocklist: String,
     pub verdicts: String,
     pub dead_letter: String,
     pub group: String,
 }
 
-/// Creates fresh topics (`partitions` for the input, 3 for verdicts, 1 for dead letters).
+/// Creates fresh topics (`partitions` for the inputs, 3 for verdicts, 1 for dead letters and
+/// each global table). The scorer creates its changelog and repartition topics itself.
 pub async fn topics(test: &str, partitions: i32) -> Topics {
     let t = Topics {
         transactions: unique(&format!("{test}-tx")),
+        navigation: unique(&format!("{test}-nav")),
+        labels: unique(&format!("{test}-labels")),
+        blocklist: unique(&format!("{test}-blocklist")),
         verdicts: unique(&format!("{test}-verdicts")),
         dead_letter: unique(&format!("{test}-dlq")),
         group: unique(&format!("{test}-group")),
     };
     create_topics(&[
         (&t.transactions, partitions),
+        (&t.navigation, partitions),
+        (&t.labels, 1),
+        (&t.blocklist, 1),
         (&t.verdicts, 3),
         (&t.dead_letter, 1),
     ])
@@ -92,6 +102,8 @@ pub fn producer() -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("linger.ms", "5")
+        // As the Java client: the scorer's repartition stage re-keys with murmur2 too.
+        .set("partitioner", "murmur2_random")
         .create()
         .expect("producer")
 }
@@ -253,6 +265,9 @@ impl Scorer {
             .env("FRAUDSTREAM__BROKERS", brokers())
             .env("FRAUDSTREAM__GROUP_ID", &t.group)
             .env("FRAUDSTREAM__TOPICS__TRANSACTIONS", &t.transactions)
+            .env("FRAUDSTREAM__TOPICS__NAVIGATION", &t.navigation)
+            .env("FRAUDSTREAM__TOPICS__LABELS", &t.labels)
+            .env("FRAUDSTREAM__TOPICS__BLOCKLIST", &t.blocklist)
             .env("FRAUDSTREAM__TOPICS__VERDICTS", &t.verdicts)
             .env("FRAUDSTREAM__TOPICS__DEAD_LETTER", &t.dead_letter)
             .env("FRAUDSTREAM__METRICS__LISTEN", &metrics)

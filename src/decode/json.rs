@@ -65,7 +65,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Transaction, DecodeError> {
     })
 }
 
-fn classify(e: serde_json::Error) -> DecodeError {
+pub(super) fn classify(e: serde_json::Error) -> DecodeError {
     use serde_json::error::Category;
     let message = e.to_string();
     let kind = match e.classify() {
@@ -85,7 +85,7 @@ fn classify(e: serde_json::Error) -> DecodeError {
 }
 
 /// Event time in epoch milliseconds, from RFC 3339 text or an integer.
-struct EventTime(i64);
+pub(super) struct EventTime(pub(super) i64);
 
 impl<'de> Deserialize<'de> for EventTime {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

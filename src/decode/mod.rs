@@ -6,12 +6,17 @@
 
 mod avro;
 mod json;
+mod records;
 
 use std::collections::HashMap;
 use std::path::Path;
 
 pub use avro::{encode_transaction, transaction_schema, verdict_schema, AvroSchemas};
 pub(crate) use json::parse_rfc3339_ms;
+pub use records::{
+    decode_block_entry, decode_label, decode_navigation, BlockEntry, Label, NavKind,
+    NavigationEvent,
+};
 
 use crate::config::{InputFormat, InputSettings};
 
@@ -151,6 +156,14 @@ impl Decoder {
             requirements,
             avro: AvroSchemas::new(writers),
         })
+    }
+
+    /// Bytes → navigation event, in the input format.
+    pub fn decode_navigation(
+        &self,
+        payload: Option<&[u8]>,
+    ) -> Result<NavigationEvent, DecodeError> {
+        records::decode_navigation(self.format, payload, self.max_bytes)
     }
 
     /// Bytes → validated transaction. `None` payload (a tombstone) is an error too.

@@ -7,12 +7,14 @@
 //! Every window runs on event time. "None" values (no history, no coordinates) are -1, a
 //! value trees split on cleanly. The same code serves online scoring and offline replay.
 
-use crate::decode::{Requirements, Transaction};
+use crate::decode::{NavKind, NavigationEvent, Requirements, Transaction};
+use crate::state::store::ENTITY_TTL_MS;
 use crate::state::window::WINDOWS;
-use crate::state::{CustomerState, MerchantState};
+use crate::state::{CustomerState, MerchantState, SessionState};
 
 /// Bumped whenever a feature's definition changes meaning; manifests record it.
-pub const REGISTRY_VERSION: u32 = 2;
+/// 3: navigation sessions, global tables, idle entities expire after 7 days.
+pub const REGISTRY_VERSION: u32 = 3;
 
 /// One feature the registry knows how to compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +42,66 @@ pub enum Feature {
     CustomerHourShare,
     MerchantAmountZscore,
     MerchantTxTotal,
+    SessionEvents,
+    SessionPageViews,
+    SessionProductViews,
+    SessionCartAdds,
+    SessionFailedLogins,
+    SessionAgeSeconds,
+    SessionDeviceSwitches,
+    SessionIpSwitches,
+    /// 1 if the transaction's device is the session's last one, 0 if not, -1 if unknown.
+    SessionSameDevice,
+    /// Fraud labels (with `label_time` at or before the transaction) naming this entity.
+    FraudLabels(Entity),
+    /// 1 if the entity is on the blocklist.
+    Blocklisted(Entity),
+}
+
+/// The entities global tables know about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Entity {
+    Customer,
+    Card,
+    Email,
+    EmailDomain,
+    Device,
+    Ip,
+}
+
+impl Entity {
+    pub const ALL: [Entity; 6] = [
+        Entity::Customer,
+        Entity::Card,
+        Entity::Email,
+        Entity::EmailDomain,
+        Entity::Device,
+        Entity::Ip,
+    ];
+
+    /// The prefix of a blocklist key (`email:…`) and the hashing kind.
+    pub fn name(self) -> &'static str {
+        match self {
+            Entity::Customer => "customer",
+            Entity::Card => "card",
+            Entity::Email => "email",
+            Entity::EmailDomain => "email_domain",
+            Entity::Device => "device",
+            Entity::Ip => "ip",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What the global tables say about a transaction's entities, looked up before features.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GlobalHits {
+    /// Per [`Entity::index`].
+    pub labels: [u32; 6],
+    pub blocked: [bool; 6],
 }
 
 /// Every named feature, in the registry's stable order.
@@ -86,7 +148,30 @@ pub fn named() -> Vec<(String, Feature)> {
             Feature::MerchantAmountZscore,
         ),
         ("merchant_tx_total".into(), Feature::MerchantTxTotal),
+        ("session_events".into(), Feature::SessionEvents),
+        ("session_page_views".into(), Feature::SessionPageViews),
+        ("session_product_views".into(), Feature::SessionProductViews),
+        ("session_cart_adds".into(), Feature::SessionCartAdds),
+        ("session_failed_logins".into(), Feature::SessionFailedLogins),
+        ("session_age_seconds".into(), Feature::SessionAgeSeconds),
+        (
+            "session_device_switches".into(),
+            Feature::SessionDeviceSwitches,
+        ),
+        ("session_ip_switches".into(), Feature::SessionIpSwitches),
+        ("session_same_device".into(), Feature::SessionSameDevice),
     ]);
+    for e in Entity::ALL {
+        if e != Entity::EmailDomain {
+            v.push((
+                format!("{}_fraud_labels", e.name()),
+                Feature::FraudLabels(e),
+            ));
+        }
+    }
+    for e in Entity::ALL {
+        v.push((format!("{}_blocklisted", e.name()), Feature::Blocklisted(e)));
+    }
     v
 }
 
@@ -113,7 +198,10 @@ pub struct Ids {
 pub struct Context<'a> {
     pub customer: &'a CustomerState,
     pub merchant: &'a MerchantState,
+    /// The transaction's session (`session_id`), if it has one.
+    pub session: Option<&'a SessionState>,
     pub ids: Ids,
+    pub global: GlobalHits,
 }
 
 impl Context<'static> {
@@ -124,7 +212,9 @@ impl Context<'static> {
         Context {
             customer: c,
             merchant: m,
+            session: None,
             ids: Ids::default(),
+            global: GlobalHits::default(),
         }
     }
 }
@@ -267,6 +357,86 @@ fn value(f: Feature, tx: &Transaction, ctx: &Context<'_>) -> f64 {
         }
         Feature::MerchantAmountZscore => zscore(tx.amount, &ctx.merchant.amounts),
         Feature::MerchantTxTotal => ctx.merchant.amounts.n as f64,
+        Feature::SessionEvents => session_count(ctx, |s| s.events),
+        Feature::SessionPageViews => session_count(ctx, |s| s.page_views),
+        Feature::SessionProductViews => session_count(ctx, |s| s.product_views),
+        Feature::SessionCartAdds => session_count(ctx, |s| s.cart_adds),
+        Feature::SessionFailedLogins => session_count(ctx, |s| s.failed_logins),
+        Feature::SessionDeviceSwitches => session_count(ctx, |s| s.device_switches),
+        Feature::SessionIpSwitches => session_count(ctx, |s| s.ip_switches),
+        Feature::SessionAgeSeconds => ctx
+            .session
+            .filter(|s| s.events > 0)
+            .map_or(NONE, |s| (t - s.started_ms).max(0) as f64 / 1000.0),
+        Feature::SessionSameDevice => {
+            match (ctx.session.and_then(|s| s.last_device), ctx.ids.device) {
+                (Some(a), Some(b)) => (a == b) as u8 as f64,
+                _ => NONE,
+            }
+        }
+        Feature::FraudLabels(e) => ctx.global.labels[e.index()] as f64,
+        Feature::Blocklisted(e) => ctx.global.blocked[e.index()] as u8 as f64,
+    }
+}
+
+/// A session counter: 0 when the transaction's session has no events (it did not browse),
+/// -1 when the transaction names no session.
+fn session_count(ctx: &Context<'_>, f: impl Fn(&SessionState) -> u32) -> f64 {
+    match ctx.session {
+        None => NONE,
+        Some(s) => f(s) as f64,
+    }
+}
+
+/// Forgets an entity idle for longer than [`ENTITY_TTL_MS`] before event time `t`: it then
+/// counts as new. A pure function of the stream, so replay, restarts and restores agree,
+/// whenever RocksDB compaction physically removes the entry.
+pub fn expire_idle<S: Default>(state: &mut S, last_event_ms: Option<i64>, t: i64) {
+    if last_event_ms.is_some_and(|last| last < t - ENTITY_TTL_MS) {
+        *state = S::default();
+    }
+}
+
+/// Applies a navigation event to its session (device and IP as keyed hashes).
+pub fn apply_navigation(
+    ev: &NavigationEvent,
+    device: Option<u64>,
+    ip: Option<u64>,
+    session: &mut SessionState,
+) {
+    let t = ev.event_time_ms;
+    if session.events == 0 {
+        session.started_ms = t;
+        session.last_event_ms = t;
+    } else {
+        session.started_ms = session.started_ms.min(t);
+        session.last_event_ms = session.last_event_ms.max(t);
+    }
+    session.events = session.events.saturating_add(1);
+    let counter = match ev.kind {
+        NavKind::PageView => Some(&mut session.page_views),
+        NavKind::ProductView => Some(&mut session.product_views),
+        NavKind::CartAdd => Some(&mut session.cart_adds),
+        NavKind::LoginFailed => Some(&mut session.failed_logins),
+        NavKind::LoginOk | NavKind::Checkout | NavKind::Other => None,
+    };
+    if let Some(c) = counter {
+        *c = c.saturating_add(1);
+    }
+    for (id, last, switches) in [
+        (
+            device,
+            &mut session.last_device,
+            &mut session.device_switches,
+        ),
+        (ip, &mut session.last_ip, &mut session.ip_switches),
+    ] {
+        if let Some(h) = id {
+            if last.is_some_and(|l| l != h) {
+                *switches = switches.saturating_add(1);
+            }
+            *last = Some(h);
+        }
     }
 }
 
@@ -439,7 +609,9 @@ mod tests {
             Context {
                 customer: c,
                 merchant: m,
+                session: None,
                 ids,
+                global: GlobalHits::default(),
             }
         }
         // First transaction: no history.
@@ -462,5 +634,78 @@ mod tests {
         // Two hours later the minute window is empty, the hour window too.
         let r = row(&fs, &tx(7_200_000, 5.0), &ctx(&c, &m, ids));
         assert_eq!(&r[..2], &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn session_features_follow_navigation_and_idle_entities_expire() {
+        let fs = FeatureSet::resolve(&[
+            "session_events",
+            "session_page_views",
+            "session_cart_adds",
+            "session_failed_logins",
+            "session_age_seconds",
+            "session_device_switches",
+            "session_same_device",
+            "email_fraud_labels",
+            "email_domain_blocklisted",
+        ])
+        .unwrap();
+        let tx = Transaction {
+            event_time_ms: 100_000,
+            ..Transaction::default()
+        };
+        let ev = |t: i64, kind: NavKind| NavigationEvent {
+            event_id: "e".into(),
+            event_time_ms: t,
+            customer_id: "c".into(),
+            session_id: "s".into(),
+            kind,
+            device_id: None,
+            ip: None,
+        };
+        let mut s = SessionState::default();
+        let (c, m) = (CustomerState::default(), MerchantState::default());
+        let mut ctx = Context {
+            session: Some(&s),
+            ..Context::empty()
+        };
+        // A session with no events yet: it did not browse.
+        assert_eq!(
+            row(&fs, &tx, &ctx),
+            vec![0.0, 0.0, 0.0, 0.0, -1.0, 0.0, -1.0, 0.0, 0.0]
+        );
+        apply_navigation(&ev(40_000, NavKind::PageView), Some(1), None, &mut s);
+        apply_navigation(&ev(10_000, NavKind::LoginFailed), Some(2), None, &mut s);
+        apply_navigation(&ev(70_000, NavKind::CartAdd), Some(1), None, &mut s);
+        ctx = Context {
+            customer: &c,
+            merchant: &m,
+            session: Some(&s),
+            ids: Ids {
+                device: Some(1),
+                ..Ids::default()
+            },
+            global: GlobalHits {
+                labels: [0, 0, 2, 0, 0, 0],
+                blocked: [false, false, false, true, false, false],
+            },
+        };
+        // Age from the earliest event (10 s, applied out of order) to the purchase (100 s).
+        assert_eq!(
+            row(&fs, &tx, &ctx),
+            vec![3.0, 1.0, 1.0, 1.0, 90.0, 2.0, 1.0, 2.0, 1.0]
+        );
+        // No session id: -1, not 0.
+        let r = row(&fs, &tx, &Context::empty());
+        assert_eq!(&r[..2], &[-1.0, -1.0]);
+
+        let mut cs = CustomerState::default();
+        cs.amounts.add(5.0);
+        cs.last_event_ms = Some(0);
+        let last = cs.last_event_ms;
+        expire_idle(&mut cs, last, ENTITY_TTL_MS);
+        assert_eq!(cs.amounts.n, 1, "exactly the TTL: kept");
+        expire_idle(&mut cs, last, ENTITY_TTL_MS + 1);
+        assert_eq!(cs, CustomerState::default());
     }
 }

@@ -6,6 +6,7 @@
 //! shutdown is requested while records are still undelivered, the batch fails and its
 //! offsets are not stored, so a restart processes it again.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -20,8 +21,10 @@ use crate::telemetry::PRODUCE_RETRIES;
 /// One message to produce.
 #[derive(Debug, Clone)]
 pub struct OutRecord {
-    /// Index into [`Sink`]'s topic names (verdicts or dead letters).
+    /// Which of [`Sink`]'s topics.
     pub topic: Topic,
+    /// An explicit partition (changelog records go to their input partition); `None`: by key.
+    pub partition: Option<i32>,
     pub key: Option<Vec<u8>>,
     /// `None` for a tombstone (a dead-lettered null value stays null).
     pub payload: Option<Vec<u8>>,
@@ -32,6 +35,8 @@ pub struct OutRecord {
 pub enum Topic {
     Verdicts,
     DeadLetter,
+    Changelog,
+    Repartition,
 }
 
 /// Why a batch could not be delivered. `Undelivered` is retryable by a restart: the
@@ -46,6 +51,8 @@ pub struct Sink {
     producer: FutureProducer,
     verdicts: String,
     dead_letter: String,
+    changelog: String,
+    repartition: String,
 }
 
 /// The producer's librdkafka configuration: defaults, then `[kafka]`, then `[kafka-producer]`.
@@ -53,7 +60,10 @@ pub fn client_config(settings: &Settings) -> anyhow::Result<ClientConfig> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &settings.brokers)
         .set("acks", "all")
-        .set("linger.ms", "2");
+        .set("linger.ms", "2")
+        // Re-keyed records must land where the Java client (and kafka-producer-perf-test)
+        // would put the same key: murmur2, not librdkafka's default CRC32.
+        .set("partitioner", "murmur2_random");
     for (k, v) in settings.kafka.iter().chain(&settings.kafka_producer) {
         c.set(k, v.resolve(k)?);
     }
@@ -69,6 +79,8 @@ impl Sink {
             producer,
             verdicts: settings.topics.verdicts.clone(),
             dead_letter: settings.topics.dead_letter.clone(),
+            changelog: settings.changelog_topic(),
+            repartition: settings.repartition_topic(),
         })
     }
 
@@ -76,16 +88,20 @@ impl Sink {
         match t {
             Topic::Verdicts => &self.verdicts,
             Topic::DeadLetter => &self.dead_letter,
+            Topic::Changelog => &self.changelog,
+            Topic::Repartition => &self.repartition,
         }
     }
 
     /// Produces every record and waits for all acknowledgements, re-sending failures with
-    /// backoff until they succeed or `shutdown` is cancelled.
+    /// backoff until they succeed or `shutdown` is cancelled. Returns the offset of the last
+    /// changelog record acknowledged per partition.
     pub async fn deliver(
         &self,
         records: &[OutRecord],
         shutdown: &CancellationToken,
-    ) -> Result<(), SinkError> {
+    ) -> Result<BTreeMap<i32, i64>, SinkError> {
+        let mut changelog = BTreeMap::new();
         let mut pending: Vec<usize> = (0..records.len()).collect();
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -102,6 +118,9 @@ impl Sink {
                 }
                 if let Some(h) = &r.headers {
                     record = record.headers(h.clone());
+                }
+                if let Some(p) = r.partition {
+                    record = record.partition(p);
                 }
                 loop {
                     match self.producer.send_result(record) {
@@ -124,7 +143,12 @@ impl Sink {
             }
             for (i, f) in in_flight {
                 match f.await {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(d)) => {
+                        if records[i].topic == Topic::Changelog {
+                            let e = changelog.entry(d.partition).or_insert(d.offset);
+                            *e = (*e).max(d.offset);
+                        }
+                    }
                     Ok(Err((e, _))) => {
                         tracing::warn!(error = %e, "Delivery failed; will retry.");
                         failed.push(i);
@@ -133,7 +157,7 @@ impl Sink {
                 }
             }
             if failed.is_empty() {
-                return Ok(());
+                return Ok(changelog);
             }
             metrics::counter!(PRODUCE_RETRIES).increment(failed.len() as u64);
             tokio::select! {
@@ -149,4 +173,14 @@ impl Sink {
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.producer.flush(timeout)
     }
+}
+
+/// The value of a message header, as text.
+pub fn header<M: rdkafka::Message>(m: &M, name: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    let h = m.headers()?;
+    h.iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }

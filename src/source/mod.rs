@@ -7,6 +7,12 @@
 //! acknowledgement and commit re-delivers those messages, so a verdict can be produced
 //! twice (identical but for `scored_at`).
 
+pub mod global;
+pub mod restore;
+
+use std::collections::BTreeSet;
+use std::ffi::CString;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -23,6 +29,17 @@ use crate::telemetry::{Readiness, ASSIGNED_PARTITIONS, CONSUMER_LAG};
 pub struct SourceContext {
     /// Set while at least one partition is assigned (served on `/readyz`).
     readiness: Readiness,
+    /// Partitions assigned and revoked since the pipeline last looked: it restores the
+    /// first and drops what it buffered of the second.
+    changes: Arc<Mutex<Changes>>,
+}
+
+/// Assignment changes, by partition number (the inputs are co-partitioned, so partition p
+/// of every input moves together).
+#[derive(Default, Debug)]
+pub struct Changes {
+    pub assigned: BTreeSet<i32>,
+    pub revoked: BTreeSet<i32>,
 }
 
 impl ClientContext for SourceContext {
@@ -54,6 +71,12 @@ impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             tracing::info!(partitions = %describe(tpl), "Partitions revoked.");
+            if let Ok(mut c) = self.changes.lock() {
+                for e in tpl.elements() {
+                    c.assigned.remove(&e.partition());
+                    c.revoked.insert(e.partition());
+                }
+            }
             // Their lag is the new owner's to report; summed over instances it stays right.
             for e in tpl.elements() {
                 metrics::gauge!(CONSUMER_LAG, "topic" => e.topic().to_string(), "partition" => e.partition().to_string())
@@ -65,7 +88,11 @@ impl ConsumerContext for SourceContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                tracing::info!(partitions = %describe(tpl), "Partitions assigned.")
+                tracing::info!(partitions = %describe(tpl), "Partitions assigned.");
+                if let Ok(mut c) = self.changes.lock() {
+                    c.assigned
+                        .extend(tpl.elements().iter().map(|e| e.partition()));
+                }
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "Rebalance failed."),
             Rebalance::Revoke(_) => {}
@@ -107,7 +134,10 @@ pub fn client_config(settings: &Settings) -> anyhow::Result<ClientConfig> {
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         // Feeds fraudstream_consumer_lag_messages.
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        // Partition p of every input (transactions, navigation, repartition) must go to the
+        // same instance: the range assignor does that for co-partitioned topics.
+        .set("partition.assignment.strategy", "range");
     for (k, v) in settings.kafka.iter().chain(&settings.kafka_consumer) {
         c.set(k, v.resolve(k)?);
     }
@@ -115,11 +145,55 @@ pub fn client_config(settings: &Settings) -> anyhow::Result<ClientConfig> {
     Ok(c)
 }
 
-pub fn consumer(settings: &Settings, readiness: Readiness) -> anyhow::Result<Source> {
+pub fn consumer(
+    settings: &Settings,
+    readiness: Readiness,
+) -> anyhow::Result<(Source, Arc<Mutex<Changes>>)> {
+    let changes = Arc::new(Mutex::new(Changes::default()));
     let consumer: Source = client_config(settings)?
-        .create_with_context(SourceContext { readiness })
+        .create_with_context(SourceContext {
+            readiness,
+            changes: changes.clone(),
+        })
         .map_err(|e| anyhow::anyhow!("cannot create the Kafka consumer: {e}"))?;
-    Ok(consumer)
+    Ok((consumer, changes))
+}
+
+/// The high watermark of a partition as of the consumer's last fetch response, without a
+/// request to the broker (librdkafka's cache); `None` before the first fetch.
+pub fn cached_high_watermark(consumer: &Source, topic: &str, partition: i32) -> Option<i64> {
+    let topic = CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid for the consumer's lifetime, `topic` is a valid
+    // NUL-terminated string for the call, and the out-pointers point to live locals.
+    // rd_kafka_get_watermark_offsets only reads librdkafka's cached values.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
+}
+
+/// The partition count of each topic (`None` if it does not exist).
+pub fn partition_counts(consumer: &Source, topics: &[&str]) -> anyhow::Result<Vec<Option<usize>>> {
+    let md = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(|e| anyhow::anyhow!("cannot read topic metadata: {e}"))?;
+    Ok(topics
+        .iter()
+        .map(|t| {
+            md.topics()
+                .iter()
+                .find(|m| m.name() == *t && m.error().is_none() && !m.partitions().is_empty())
+                .map(|m| m.partitions().len())
+        })
+        .collect())
 }
 
 /// Waits until the brokers answer, then checks that every topic exists. Retries with

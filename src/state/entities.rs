@@ -80,6 +80,26 @@ pub struct MerchantState {
     pub last_event_ms: Option<i64>,
 }
 
+/// One browsing session of a customer, from its navigation events.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SessionState {
+    /// Event time of the session's earliest event applied.
+    pub started_ms: i64,
+    /// Event time of its latest event applied.
+    pub last_event_ms: i64,
+    pub events: u32,
+    pub page_views: u32,
+    pub product_views: u32,
+    pub cart_adds: u32,
+    pub failed_logins: u32,
+    /// Times the device (or IP) differed from the previous event's that named one.
+    pub device_switches: u32,
+    pub ip_switches: u32,
+    /// Keyed hashes of the last device and IP seen in the session.
+    pub last_device: Option<u64>,
+    pub last_ip: Option<u64>,
+}
+
 struct Reader<'a>(&'a [u8]);
 
 impl Reader<'_> {
@@ -246,6 +266,97 @@ impl MerchantState {
     }
 }
 
+fn put_option_u64(out: &mut Vec<u8>, v: Option<u64>) {
+    put_option_i64(out, v.map(|x| x as i64));
+}
+
+impl SessionState {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(FORMAT);
+        out.extend_from_slice(&self.started_ms.to_le_bytes());
+        out.extend_from_slice(&self.last_event_ms.to_le_bytes());
+        for n in [
+            self.events,
+            self.page_views,
+            self.product_views,
+            self.cart_adds,
+            self.failed_logins,
+            self.device_switches,
+            self.ip_switches,
+        ] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        put_option_u64(out, self.last_device);
+        put_option_u64(out, self.last_ip);
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<SessionState, CodecError> {
+        let mut r = Reader(bytes);
+        r.version()?;
+        let s = SessionState {
+            started_ms: r.i64()?,
+            last_event_ms: r.i64()?,
+            events: r.u32()?,
+            page_views: r.u32()?,
+            product_views: r.u32()?,
+            cart_adds: r.u32()?,
+            failed_logins: r.u32()?,
+            device_switches: r.u32()?,
+            ip_switches: r.u32()?,
+            last_device: r.option_i64()?.map(|x| x as u64),
+            last_ip: r.option_i64()?.map(|x| x as u64),
+        };
+        r.end()?;
+        Ok(s)
+    }
+}
+
+/// The latest event time an encoded customer, merchant or session value holds, read without
+/// decoding the rest: for expiry in RocksDB compaction. `None` if the value is not one.
+pub fn last_event_ms(kind: EntityKind, bytes: &[u8]) -> Option<i64> {
+    match kind {
+        EntityKind::Customer => CustomerState::decode(bytes).ok()?.last_event_ms,
+        EntityKind::Merchant => MerchantState::decode(bytes).ok()?.last_event_ms,
+        EntityKind::Session => Some(SessionState::decode(bytes).ok()?.last_event_ms),
+    }
+}
+
+/// The kinds of per-partition state; the byte tags them in the changelog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EntityKind {
+    Customer,
+    Merchant,
+    Session,
+}
+
+impl EntityKind {
+    pub const ALL: [EntityKind; 3] = [
+        EntityKind::Customer,
+        EntityKind::Merchant,
+        EntityKind::Session,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EntityKind::Customer => "customer",
+            EntityKind::Merchant => "merchant",
+            EntityKind::Session => "session",
+        }
+    }
+
+    pub fn tag(self) -> u8 {
+        match self {
+            EntityKind::Customer => b'c',
+            EntityKind::Merchant => b'm',
+            EntityKind::Session => b's',
+        }
+    }
+
+    pub fn from_tag(tag: u8) -> Option<EntityKind> {
+        EntityKind::ALL.into_iter().find(|k| k.tag() == tag)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,6 +403,30 @@ mod tests {
             let mut buf = Vec::new();
             m.encode(&mut buf);
             prop_assert_eq!(MerchantState::decode(&buf).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn session_round_trips() {
+        let s = SessionState {
+            started_ms: 1,
+            last_event_ms: 99,
+            events: 7,
+            page_views: 3,
+            product_views: 2,
+            cart_adds: 1,
+            failed_logins: 4,
+            device_switches: 1,
+            ip_switches: 2,
+            last_device: Some(u64::MAX),
+            last_ip: None,
+        };
+        let mut buf = Vec::new();
+        s.encode(&mut buf);
+        assert_eq!(SessionState::decode(&buf).unwrap(), s);
+        assert_eq!(last_event_ms(EntityKind::Session, &buf), Some(99));
+        for cut in 0..buf.len() {
+            assert!(SessionState::decode(&buf[..cut]).is_err());
         }
     }
 

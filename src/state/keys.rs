@@ -32,6 +32,21 @@ impl Hasher {
         out
     }
 
+    /// 16 bytes of HMAC(kind ‖ 0 ‖ a ‖ 0 ‖ b): an entity named by two ids (a customer's
+    /// session), without building the joined string.
+    pub fn entity_pair(&self, kind: &str, a: &str, b: &str) -> [u8; 16] {
+        let mut mac = self.mac.clone();
+        mac.update(kind.as_bytes());
+        mac.update(&[0]);
+        mac.update(a.as_bytes());
+        mac.update(&[0]);
+        mac.update(b.as_bytes());
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&full[..16]);
+        out
+    }
+
     /// 8 bytes of the same, for the small sets of known cards, devices and IPs.
     pub fn short(&self, kind: &str, id: &str) -> u64 {
         let e = self.entity(kind, id);
@@ -48,6 +63,11 @@ pub fn key(partition: i32, entity: &[u8; 16]) -> Key {
     k[..4].copy_from_slice(&(partition as u32).to_be_bytes());
     k[4..].copy_from_slice(entity);
     k
+}
+
+/// The input partition a state key belongs to.
+pub fn partition_of(key: &Key) -> i32 {
+    u32::from_be_bytes([key[0], key[1], key[2], key[3]]) as i32
 }
 
 /// The key range `[start, end)` of one partition.

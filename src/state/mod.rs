@@ -5,10 +5,11 @@
 //! which features it yields) is in [`crate::features`].
 
 pub mod entities;
+pub mod global;
 pub mod keys;
 pub mod store;
 pub mod window;
 
-pub use entities::{CustomerState, MerchantState};
+pub use entities::{CustomerState, EntityKind, MerchantState, SessionState};
 pub use keys::{Hasher, Key};
-pub use store::{StateBatch, StateError, Store};
+pub use store::{marker_record, Restored, StateBatch, StateError, Store};

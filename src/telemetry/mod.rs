@@ -37,6 +37,17 @@ pub const CONSUMER_LAG: &str = "fraudstream_consumer_lag_messages";
 pub const MODEL_INFO: &str = "fraudstream_model_info";
 /// Gauge: partitions of the transactions topic assigned to this instance.
 pub const ASSIGNED_PARTITIONS: &str = "fraudstream_assigned_partitions";
+/// Gauge, label `partition`: changelog records left to restore (0 when done).
+pub const RESTORE_REMAINING: &str = "fraudstream_restore_remaining_records";
+/// Counter: changelog records restored into the local store.
+pub const RESTORED_RECORDS: &str = "fraudstream_restored_records_total";
+/// Gauge, label `table`: entities in a global table (labels, blocklist).
+pub const GLOBAL_ENTRIES: &str = "fraudstream_global_table_entries";
+/// Histogram: how long a transaction waited in the merge buffer for the other inputs of its
+/// partition (timestamp-ordered processing).
+pub const MERGE_WAIT: &str = "fraudstream_merge_wait_seconds";
+/// Counter: records forwarded to the repartition topic (input not keyed by customer).
+pub const REPARTITIONED: &str = "fraudstream_repartitioned_total";
 
 const LATENCY_BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -51,6 +62,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(END_TO_END_LATENCY.into()), &LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_DURATION.into()), &LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(MERGE_WAIT.into()), &LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(SCORING_DURATION.into()), &SCORING_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(SCORING_BATCH_ROWS.into()), &ROW_BUCKETS)?
         .install_recorder()?;
@@ -87,19 +99,54 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         ASSIGNED_PARTITIONS,
         "Partitions of the transactions topic assigned here."
     );
+    metrics::describe_gauge!(
+        RESTORE_REMAINING,
+        "Changelog records left to restore, per partition (0 when restored)."
+    );
+    metrics::describe_counter!(
+        RESTORED_RECORDS,
+        "Changelog records restored into the local store."
+    );
+    metrics::describe_gauge!(GLOBAL_ENTRIES, "Entities in a global table.");
+    metrics::describe_histogram!(
+        MERGE_WAIT,
+        "Time a transaction waited for the other inputs of its partition (timestamp order)."
+    );
+    metrics::describe_counter!(
+        REPARTITIONED,
+        "Records forwarded to the repartition topic because their key was not the customer id."
+    );
     Ok(handle)
 }
 
-/// Whether this instance should receive traffic: set while partitions are assigned.
+/// Whether this instance is doing its work (`/readyz`): partitions assigned, their state
+/// restored, and the global tables loaded.
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<ReadinessInner>);
+
+#[derive(Default)]
+pub struct ReadinessInner {
+    assigned: AtomicBool,
+    /// Assigned partitions whose state is not restored yet.
+    restoring: std::sync::atomic::AtomicUsize,
+    global_loaded: AtomicBool,
+}
 
 impl Readiness {
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
+    /// Partitions assigned (or not).
+    pub fn set(&self, assigned: bool) {
+        self.0.assigned.store(assigned, Ordering::Relaxed);
+    }
+    pub fn set_restoring(&self, partitions: usize) {
+        self.0.restoring.store(partitions, Ordering::Relaxed);
+    }
+    pub fn set_global_loaded(&self, loaded: bool) {
+        self.0.global_loaded.store(loaded, Ordering::Relaxed);
     }
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.assigned.load(Ordering::Relaxed)
+            && self.0.restoring.load(Ordering::Relaxed) == 0
+            && self.0.global_loaded.load(Ordering::Relaxed)
     }
 }
 

@@ -1,0 +1,184 @@
+//! Global tables: fraud labels and the blocklist, read in full by every instance (not
+//! partitioned) and kept in memory, keyed by the same keyed hashes as the state: an e-mail or
+//! card number is never held in the clear.
+//!
+//! Pure: [`crate::source::global`] feeds records in; the pipeline asks [`GlobalTables::hits`]
+//! per transaction. Labels count only when their `label_time` is at or before the
+//! transaction's event time, so a training table built from the same labels has no leakage;
+//! the blocklist is an operational control and applies from the moment it is read (an
+//! entry's `expires_at` is compared with event time).
+
+use std::collections::HashMap;
+
+use crate::decode::{BlockEntry, Label};
+use crate::features::{Entity, GlobalHits};
+use crate::state::Hasher;
+
+/// The keyed hash of each entity of a transaction, by [`Entity::index`].
+pub type EntityHashes = [Option<u64>; 6];
+
+#[derive(Default)]
+pub struct GlobalTables {
+    /// Label times per entity, unsorted.
+    labels: HashMap<(Entity, u64), Vec<i64>>,
+    /// Expiry (event time, exclusive) per blocked entity; `i64::MAX` when it does not expire.
+    blocklist: HashMap<(Entity, u64), i64>,
+}
+
+/// An identifier as hashed: e-mails and domains compare case-insensitively.
+pub fn hash(hasher: &Hasher, entity: Entity, id: &str) -> u64 {
+    match entity {
+        Entity::Email | Entity::EmailDomain => {
+            hasher.short(entity.name(), &id.trim().to_ascii_lowercase())
+        }
+        _ => hasher.short(entity.name(), id),
+    }
+}
+
+/// The domain of an e-mail address (after the last `@`), if it has one.
+pub fn email_domain(email: &str) -> Option<&str> {
+    let (_, d) = email.rsplit_once('@')?;
+    (!d.trim().is_empty()).then_some(d)
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("blocklist key {0:?} is not `<entity>:<id>` with entity one of customer, card, email, email_domain, device, ip")]
+pub struct BadEntityRef(pub String);
+
+/// `email:a@b.c` → (Email, "a@b.c").
+pub fn parse_entity_ref(key: &[u8]) -> Result<(Entity, &str), BadEntityRef> {
+    let bad = || BadEntityRef(String::from_utf8_lossy(&key[..key.len().min(64)]).into_owned());
+    let s = std::str::from_utf8(key).map_err(|_| bad())?;
+    let (kind, id) = s.split_once(':').ok_or_else(bad)?;
+    let e = Entity::ALL
+        .into_iter()
+        .find(|e| e.name() == kind)
+        .ok_or_else(bad)?;
+    if id.is_empty() {
+        return Err(bad());
+    }
+    Ok((e, id))
+}
+
+impl GlobalTables {
+    pub fn apply_label(&mut self, hasher: &Hasher, label: &Label) {
+        let named = [
+            (Entity::Customer, &label.customer_id),
+            (Entity::Card, &label.card_id),
+            (Entity::Email, &label.email),
+            (Entity::Device, &label.device_id),
+            (Entity::Ip, &label.ip),
+        ];
+        for (e, id) in named {
+            if let Some(id) = id {
+                self.labels
+                    .entry((e, hash(hasher, e, id)))
+                    .or_default()
+                    .push(label.label_time_ms);
+            }
+        }
+    }
+
+    /// A blocklist record: an entry, or a tombstone (`None`) that lifts it.
+    pub fn apply_block(
+        &mut self,
+        hasher: &Hasher,
+        key: &[u8],
+        entry: Option<&BlockEntry>,
+    ) -> Result<(), BadEntityRef> {
+        let (e, id) = parse_entity_ref(key)?;
+        let k = (e, hash(hasher, e, id));
+        match entry {
+            Some(b) => {
+                self.blocklist
+                    .insert(k, b.expires_at_ms.unwrap_or(i64::MAX));
+            }
+            None => {
+                self.blocklist.remove(&k);
+            }
+        }
+        Ok(())
+    }
+
+    /// What the tables say about these entities at event time `t`.
+    pub fn hits(&self, ids: &EntityHashes, t: i64) -> GlobalHits {
+        let mut out = GlobalHits::default();
+        if self.labels.is_empty() && self.blocklist.is_empty() {
+            return out;
+        }
+        for e in Entity::ALL {
+            let Some(h) = ids[e.index()] else { continue };
+            if let Some(times) = self.labels.get(&(e, h)) {
+                out.labels[e.index()] = times.iter().filter(|&&lt| lt <= t).count() as u32;
+            }
+            if let Some(&expires) = self.blocklist.get(&(e, h)) {
+                out.blocked[e.index()] = t < expires;
+            }
+        }
+        out
+    }
+
+    /// (labelled entities, blocked entities).
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.labels.len(), self.blocklist.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_count_up_to_event_time_and_tombstones_lift_blocks() {
+        let h = Hasher::new(b"k");
+        let mut g = GlobalTables::default();
+        let label = Label {
+            label_time_ms: 100,
+            kind: "fraud".into(),
+            email: Some("Fraud@Example.com".into()),
+            card_id: Some("card-1".into()),
+            ..Label::default()
+        };
+        g.apply_label(&h, &label);
+        g.apply_label(
+            &h,
+            &Label {
+                label_time_ms: 300,
+                ..label.clone()
+            },
+        );
+        let mut ids: EntityHashes = [None; 6];
+        ids[Entity::Email.index()] = Some(hash(&h, Entity::Email, "fraud@example.com "));
+        ids[Entity::EmailDomain.index()] = Some(hash(&h, Entity::EmailDomain, "EXAMPLE.com"));
+        assert_eq!(g.hits(&ids, 99).labels[Entity::Email.index()], 0);
+        assert_eq!(g.hits(&ids, 100).labels[Entity::Email.index()], 1);
+        assert_eq!(g.hits(&ids, 1000).labels[Entity::Email.index()], 2);
+        assert_eq!(
+            g.hits(&ids, 1000).labels[Entity::Card.index()],
+            0,
+            "card not asked"
+        );
+
+        let entry = BlockEntry {
+            added_at_ms: 0,
+            reason: "r".into(),
+            expires_at_ms: Some(500),
+        };
+        g.apply_block(&h, b"email_domain:example.com", Some(&entry))
+            .unwrap();
+        assert!(g.hits(&ids, 499).blocked[Entity::EmailDomain.index()]);
+        assert!(
+            !g.hits(&ids, 500).blocked[Entity::EmailDomain.index()],
+            "expired"
+        );
+        g.apply_block(&h, b"email_domain:example.com", None)
+            .unwrap();
+        assert!(!g.hits(&ids, 1).blocked[Entity::EmailDomain.index()]);
+        assert_eq!(g.sizes(), (2, 0));
+        for bad in [&b"nope"[..], b"phone:123", b"email:", b"\xff:x"] {
+            assert!(g.apply_block(&h, bad, Some(&entry)).is_err());
+        }
+        assert_eq!(email_domain("a@b.c"), Some("b.c"));
+        assert_eq!(email_domain("nodomain"), None);
+    }
+}
