@@ -33,6 +33,7 @@ pub mod decode;
 pub mod features;
 pub mod model;
 pub mod pipeline;
+pub mod replay;
 pub mod sink;
 pub mod source;
 pub mod state;

@@ -39,6 +39,29 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Replay historical files (Sparkov CSV, or fraudstream JSON lines of transactions and
+    /// navigation events; `-` is stdin) through the feature code, in event-time order, into
+    /// a training table (CSV: transaction_id, event_time_ms, label, features).
+    Replay {
+        /// Input files (repeatable). `.gz` is decompressed; pipe `xzcat` for `.xz`.
+        #[arg(long = "input", required = true)]
+        inputs: Vec<PathBuf>,
+        #[arg(long)]
+        output: PathBuf,
+        /// The transactions topic's partition count online (merchant profiles are per
+        /// partition).
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// Only these features, comma-separated (default: every named feature).
+        #[arg(long, value_delimiter = ',')]
+        features: Vec<String>,
+        /// For the HMAC secret (`state.hmac-secret`); the default config otherwise.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Check config, model against the feature registry, broker reachability and topics
     /// (partition counts, co-partitioning); list every problem; exit 1 if there is one.
     Validate {
@@ -63,6 +86,7 @@ fn main() -> ExitCode {
         Command::Run { config }
         | Command::CheckConfig { config }
         | Command::StateStats { config }
+        | Command::Replay { config, .. }
         | Command::Validate { config, .. } => config,
     };
     let settings = match Settings::load(config.as_deref(), std::env::vars()) {
@@ -74,6 +98,43 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run { .. } => {}
+        Command::Replay {
+            inputs,
+            output,
+            partitions,
+            features,
+            quiet,
+            ..
+        } => {
+            let secret = match settings.state.hmac_secret.resolve("state.hmac-secret") {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let args = fraudstream::replay::ReplayArgs {
+                inputs,
+                output: output.clone(),
+                partitions,
+                features,
+                hmac_secret: secret,
+                progress: !quiet,
+            };
+            return match fraudstream::replay::run(&args) {
+                Ok((txs, navs)) => {
+                    println!(
+                        "{txs} transactions ({navs} navigation events) replayed into {}",
+                        output.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::StateStats { .. } => {
             let stats = fraudstream::state::Store::open_read_only(&settings.state.path)
                 .and_then(|s| s.stats());

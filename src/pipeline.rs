@@ -20,14 +20,14 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Settings, VerdictFormat};
 use crate::decision::{Decision, Verdict};
 use crate::decode::{DecodeError, Decoder, ErrorKind, NavigationEvent, Transaction};
-use crate::features::{self, Context as FeatureContext, Entity, FeatureSet, GlobalHits, Ids};
+use crate::features::{engine, FeatureSet};
 use crate::model::{self, Model};
 use crate::sink::{OutRecord, Sink, Topic};
 use crate::source::global::GlobalReader;
 use crate::source::restore::Restorer;
 use crate::source::{self, Changes, Source};
-use crate::state::global::{self, EntityHashes, GlobalTables};
-use crate::state::{keys, marker_record, EntityKind, Hasher, Key, SessionState, StateBatch, Store};
+use crate::state::global::GlobalTables;
+use crate::state::{marker_record, EntityKind, Hasher, Key, StateBatch, Store};
 use crate::telemetry::{self, Readiness};
 
 /// Dead-letter header names.
@@ -41,6 +41,12 @@ pub mod headers {
 
 /// Header naming what a repartitioned record is (`transaction` or `navigation`).
 pub const KIND_HEADER: &str = "fraudstream.kind";
+
+/// Records of one input partition the merge may hold before its fetching is paused.
+const PAUSE_AT: usize = 50_000;
+
+/// How long a partition's high watermark read from the broker is trusted.
+const WATERMARK_TTL: Duration = Duration::from_millis(20);
 
 /// The inputs of a task, in tie-break order: at equal event time, a navigation event is
 /// applied before a transaction, so the page view of the same millisecond counts.
@@ -178,6 +184,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         tasks: BTreeMap::new(),
         next_offset: HashMap::new(),
         buffered: 0,
+        watermarks: HashMap::new(),
+        paused: BTreeSet::new(),
         state: StateBatch::default(),
         applied: HashMap::new(),
         ready: Vec::new(),
@@ -249,7 +257,11 @@ async fn consume_loop(
         }
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + max_wait;
-        while worker.buffered < max_records {
+        // Count what arrives, not what is buffered: records held back by the merge must not
+        // stop the consumer from reading the other input's records queued behind them.
+        let mut received = 1;
+        while received < max_records {
+            received += 1;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -270,7 +282,11 @@ async fn consume_loop(
             }
         }
 
+        // A rebalance callback may have run inside a recv that the deadline then cut short:
+        // drop what was revoked before processing anything (its new owner may be restoring).
+        worker.handle_changes(consumer)?;
         worker.select_ready(consumer, max_records);
+        worker.flow_control(consumer);
         if worker.ready.is_empty() {
             continue;
         }
@@ -345,6 +361,10 @@ enum Event {
 #[derive(Default)]
 struct Task {
     queues: [VecDeque<Pending>; 3],
+    /// Since when the task has been waiting for an input that is not caught up.
+    blocked_since: Option<Instant>,
+    /// The wait ran out (logged once per episode).
+    idle_expired: bool,
 }
 
 /// The per-batch work, with buffers reused across batches.
@@ -373,6 +393,10 @@ struct Worker {
     next_offset: HashMap<(usize, i32), i64>,
     /// Records buffered in `tasks`.
     buffered: usize,
+    /// Input partitions paused because the merge holds too many of their records.
+    paused: BTreeSet<(usize, i32)>,
+    /// High watermark per (input, partition) and when it was read.
+    watermarks: HashMap<(usize, i32), (i64, Instant)>,
     /// The batch's state changes and applied offsets, written after its output is acked.
     state: StateBatch,
     /// Applied offset per (input, partition), read from the store once, then kept current.
@@ -410,6 +434,8 @@ impl Worker {
             }
             self.applied.retain(|(_, q), _| q != p);
             self.next_offset.retain(|(_, q), _| q != p);
+            self.watermarks.retain(|(_, q), _| q != p);
+            self.paused.retain(|(_, q)| q != p);
         }
         let inputs: Vec<(usize, String)> = self
             .inputs
@@ -449,6 +475,31 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Pauses fetching an input partition whose records pile up in the merge (the other
+    /// input of its task is behind), and resumes it once they drain: bounded memory, and
+    /// the consumer's queue keeps room for the input being waited for.
+    fn flow_control(&mut self, consumer: &Source) {
+        for (&p, task) in &self.tasks {
+            for i in 0..3 {
+                let Some(topic) = &self.inputs[i] else {
+                    continue;
+                };
+                let n = task.queues[i].len();
+                let key = (i, p);
+                let paused = self.paused.contains(&key);
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(topic, p);
+                if !paused && n >= PAUSE_AT {
+                    if consumer.pause(&tpl).is_ok() {
+                        self.paused.insert(key);
+                    }
+                } else if paused && n < PAUSE_AT / 2 && consumer.resume(&tpl).is_ok() {
+                    self.paused.remove(&key);
+                }
+            }
+        }
     }
 
     fn input_of(&self, topic: &str) -> Option<usize> {
@@ -508,17 +559,31 @@ impl Worker {
     }
 
     /// Whether `input`'s partition `p` has nothing more to deliver right now: everything up
-    /// to the high watermark of the last fetch has arrived.
-    fn caught_up(&self, consumer: &Source, input: usize, p: i32) -> bool {
-        let Some(topic) = &self.inputs[input] else {
+    /// to its high watermark has arrived. The watermark is asked of the broker (ListOffsets)
+    /// at most every [`WATERMARK_TTL`] per partition, and only while the input looks caught
+    /// up: librdkafka's cached fetch watermark is not trusted, as some brokers report the
+    /// end of the returned batch there.
+    fn caught_up(&mut self, consumer: &Source, input: usize, p: i32) -> bool {
+        let Some(topic) = self.inputs[input].clone() else {
             return true;
         };
-        match (
-            self.next_offset.get(&(input, p)),
-            source::cached_high_watermark(consumer, topic, p),
-        ) {
-            (Some(next), Some(high)) => *next >= high,
-            _ => false,
+        let Some(&next) = self.next_offset.get(&(input, p)) else {
+            return false;
+        };
+        if let Some((high, at)) = self.watermarks.get(&(input, p)) {
+            if next < *high {
+                return false;
+            }
+            if at.elapsed() < WATERMARK_TTL {
+                return true;
+            }
+        }
+        match consumer.fetch_watermarks(&topic, p, Duration::from_secs(2)) {
+            Ok((_, high)) => {
+                self.watermarks.insert((input, p), (high, Instant::now()));
+                next >= high
+            }
+            Err(_) => false,
         }
     }
 
@@ -542,14 +607,40 @@ impl Worker {
                 let Some((ts, i)) = head else { break };
                 if ts != i64::MIN {
                     let arrived = task.queues[i].front().expect("head").arrived;
-                    let waiting_for_other = (0..3).any(|j| {
-                        j != i
-                            && self.inputs[j].is_some()
-                            && task.queues[j].is_empty()
-                            && !self.caught_up(consumer, j, p)
-                    });
-                    if waiting_for_other && arrived.elapsed() < self.max_task_idle {
-                        break;
+                    let empty: Vec<usize> = (0..3)
+                        .filter(|&j| {
+                            j != i && self.inputs[j].is_some() && task.queues[j].is_empty()
+                        })
+                        .collect();
+                    let waiting_for_other =
+                        empty.into_iter().any(|j| !self.caught_up(consumer, j, p));
+                    let task = self.tasks.get_mut(&p).expect("task");
+                    if waiting_for_other {
+                        // Idle time counts from when the task started waiting, not from the
+                        // record's arrival: a record can sit long in a backlog of its own
+                        // input without any input being idle.
+                        let since = *task.blocked_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() < self.max_task_idle {
+                            break;
+                        }
+                        if !task.idle_expired {
+                            task.idle_expired = true;
+                            let behind: Vec<&str> = (0..3)
+                                .filter(|&j| j != i && task.queues[j].is_empty())
+                                .filter_map(|j| self.inputs[j].as_deref())
+                                .collect();
+                            tracing::info!(
+                                partition = p,
+                                waited_ms = since.elapsed().as_millis() as u64,
+                                inputs = ?behind,
+                                next = ?(0..3).map(|j| self.next_offset.get(&(j, p)).copied()).collect::<Vec<_>>(),
+                                watermarks = ?(0..3).map(|j| self.watermarks.get(&(j, p)).map(|w| w.0)).collect::<Vec<_>>(),
+                                "An input of this partition is behind and idle; processing without it (batch.max-task-idle-ms)."
+                            );
+                        }
+                    } else {
+                        task.blocked_since = None;
+                        task.idle_expired = false;
                     }
                     if i == TX {
                         merge_wait.record(arrived.elapsed().as_secs_f64());
@@ -780,35 +871,9 @@ impl Worker {
         Ok(())
     }
 
-    fn session_key(&self, partition: i32, customer: &str, session: &str) -> Key {
-        keys::key(
-            partition,
-            &self.hasher.entity_pair("session", customer, session),
-        )
-    }
-
-    /// Loads a session into the batch's state (if not there yet) and expires it if idle.
-    fn session_mut(&mut self, key: Key, t: i64) -> anyhow::Result<&mut SessionState> {
-        if !self.state.sessions.contains_key(&key) {
-            let s = self.store.session(&key)?.unwrap_or_default();
-            self.state.sessions.insert(key, s);
-        }
-        let s = self.state.sessions.get_mut(&key).expect("inserted above");
-        let last = (s.events > 0).then_some(s.last_event_ms);
-        features::expire_idle(s, last, t);
-        Ok(s)
-    }
-
     fn apply_navigation(&mut self, partition: i32, n: &NavigationEvent) -> anyhow::Result<()> {
-        let key = self.session_key(partition, &n.customer_id, &n.session_id);
-        let device = n
-            .device_id
-            .as_deref()
-            .map(|v| self.hasher.short("device", v));
-        let ip = n.ip.as_deref().map(|v| self.hasher.short("ip", v));
         self.store.advance_watermark(n.event_time_ms);
-        let session = self.session_mut(key, n.event_time_ms)?;
-        features::apply_navigation(n, device, ip, session);
+        engine::navigation(partition, n, &self.hasher, &mut self.state, &self.store)?;
         Ok(())
     }
 
@@ -821,67 +886,21 @@ impl Worker {
         tx: &Transaction,
         tables: &GlobalTables,
     ) -> anyhow::Result<()> {
-        let h = &self.hasher;
-        let t = tx.event_time_ms;
-        let customer_hash = h.entity("customer", &tx.customer_id);
-        let ck = keys::key(partition, &customer_hash);
-        let mk = keys::key(partition, &h.entity("merchant", &tx.merchant_id));
-        let ids = Ids {
-            card: tx.card_id.as_deref().map(|v| h.short("card", v)),
-            device: tx.device_id.as_deref().map(|v| h.short("device", v)),
-            ip: tx.ip.as_deref().map(|v| h.short("ip", v)),
-        };
-        let global_hits = if tables.sizes() == (0, 0) {
-            GlobalHits::default()
-        } else {
-            let mut e: EntityHashes = [None; 6];
-            e[Entity::Customer.index()] = Some(u64::from_le_bytes(
-                customer_hash[..8].try_into().expect("8"),
-            ));
-            e[Entity::Card.index()] = ids.card;
-            e[Entity::Device.index()] = ids.device;
-            e[Entity::Ip.index()] = ids.ip;
-            if let Some(email) = &tx.email {
-                e[Entity::Email.index()] = Some(global::hash(h, Entity::Email, email));
-                e[Entity::EmailDomain.index()] =
-                    global::email_domain(email).map(|d| global::hash(h, Entity::EmailDomain, d));
-            }
-            tables.hits(&e, t)
-        };
-        let sk = tx
-            .session_id
-            .as_deref()
-            .map(|s| self.session_key(partition, &tx.customer_id, s));
-        self.store.advance_watermark(t);
-        if let Some(sk) = sk {
-            self.session_mut(sk, t)?;
-        }
-        if !self.state.customers.contains_key(&ck) {
-            let c = self.store.customer(&ck)?.unwrap_or_default();
-            self.state.customers.insert(ck, c);
-        }
-        if !self.state.merchants.contains_key(&mk) {
-            let m = self.store.merchant(&mk)?.unwrap_or_default();
-            self.state.merchants.insert(mk, m);
-        }
-        let customer = self.state.customers.get_mut(&ck).expect("inserted above");
-        let last = customer.last_event_ms;
-        features::expire_idle(customer, last, t);
-        let merchant = self.state.merchants.get_mut(&mk).expect("inserted above");
-        let last = merchant.last_event_ms;
-        features::expire_idle(merchant, last, t);
-        let ctx = FeatureContext {
-            customer,
-            merchant,
-            session: sk.and_then(|k| self.state.sessions.get(&k)),
-            ids,
-            global: global_hits,
-        };
-        self.model.features.extend_row(tx, &ctx, &mut self.rows);
+        self.store.advance_watermark(tx.event_time_ms);
+        let mut rows: Vec<(&FeatureSet, &mut Vec<f32>)> =
+            vec![(&self.model.features, &mut self.rows)];
         if let Some(audit) = &self.audit {
-            audit.extend_row(tx, &ctx, &mut self.audit_rows);
+            rows.push((audit, &mut self.audit_rows));
         }
-        features::apply(tx, &ids, customer, merchant);
+        engine::transaction(
+            partition,
+            tx,
+            &self.hasher,
+            tables,
+            &mut self.state,
+            &self.store,
+            &mut rows,
+        )?;
         Ok(())
     }
 

@@ -231,7 +231,7 @@ async fn compose_stack_and_dashboard_match_what_the_scorer_exports() {
     let report =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{report}");
-    assert!(report.contains("10 dashboard metrics checked"), "{report}");
+    assert!(report.contains("13 dashboard metrics checked"), "{report}");
     scorer.signal("TERM");
     assert!(scorer.wait(Duration::from_secs(30)).success());
 }

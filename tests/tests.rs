@@ -10,5 +10,6 @@ mod parity;
 mod scoring;
 mod shutdown;
 mod state;
+mod stateful;
 mod tls;
 mod validate;

@@ -7,6 +7,8 @@
 //! Every window runs on event time. "None" values (no history, no coordinates) are -1, a
 //! value trees split on cleanly. The same code serves online scoring and offline replay.
 
+pub mod engine;
+
 use crate::decode::{NavKind, NavigationEvent, Requirements, Transaction};
 use crate::state::store::ENTITY_TTL_MS;
 use crate::state::window::WINDOWS;

@@ -42,7 +42,9 @@ impl GlobalReader {
         let mut config = super::client_config(settings)?;
         config
             .set("group.id", format!("{}-global", settings.group_id))
-            .set("enable.auto.commit", "false");
+            .set("enable.auto.commit", "false")
+            // Lag statistics are the group consumer's; these would only be logged.
+            .set("statistics.interval.ms", "0");
         let consumer: BaseConsumer = config
             .create()
             .map_err(|e| anyhow::anyhow!("cannot create the global-table consumer: {e}"))?;

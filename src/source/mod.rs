@@ -11,7 +11,6 @@ pub mod global;
 pub mod restore;
 
 use std::collections::BTreeSet;
-use std::ffi::CString;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -137,7 +136,11 @@ pub fn client_config(settings: &Settings) -> anyhow::Result<ClientConfig> {
         .set("statistics.interval.ms", "5000")
         // Partition p of every input (transactions, navigation, repartition) must go to the
         // same instance: the range assignor does that for co-partitioned topics.
-        .set("partition.assignment.strategy", "range");
+        .set("partition.assignment.strategy", "range")
+        // librdkafka delivers all partitions through one queue: a deep prefetch of one input
+        // (100,000 messages per partition by default) would sit in front of the other
+        // input's messages that the event-time merge is waiting for.
+        .set("queued.min.messages", "2000");
     for (k, v) in settings.kafka.iter().chain(&settings.kafka_consumer) {
         c.set(k, v.resolve(k)?);
     }
@@ -157,27 +160,6 @@ pub fn consumer(
         })
         .map_err(|e| anyhow::anyhow!("cannot create the Kafka consumer: {e}"))?;
     Ok((consumer, changes))
-}
-
-/// The high watermark of a partition as of the consumer's last fetch response, without a
-/// request to the broker (librdkafka's cache); `None` before the first fetch.
-pub fn cached_high_watermark(consumer: &Source, topic: &str, partition: i32) -> Option<i64> {
-    let topic = CString::new(topic).ok()?;
-    let (mut low, mut high) = (-1i64, -1i64);
-    // SAFETY: the client pointer is valid for the consumer's lifetime, `topic` is a valid
-    // NUL-terminated string for the call, and the out-pointers point to live locals.
-    // rd_kafka_get_watermark_offsets only reads librdkafka's cached values.
-    let err = unsafe {
-        rdkafka::bindings::rd_kafka_get_watermark_offsets(
-            consumer.client().native_ptr(),
-            topic.as_ptr(),
-            partition,
-            &mut low,
-            &mut high,
-        )
-    };
-    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
-        .then_some(high)
 }
 
 /// The partition count of each topic (`None` if it does not exist).

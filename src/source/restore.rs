@@ -31,6 +31,8 @@ impl Restorer {
         config
             .set("group.id", format!("{}-restore", settings.group_id))
             .set("enable.auto.commit", "false")
+            // Lag statistics are the group consumer's; these would only be logged.
+            .set("statistics.interval.ms", "0")
             .set("enable.partition.eof", "false");
         Ok(Restorer {
             consumer: config
@@ -53,6 +55,8 @@ impl Restorer {
             .consumer
             .fetch_watermarks(&self.changelog, partition, Duration::from_secs(10))
             .map_err(|e| anyhow::anyhow!("cannot read the end of `{}`: {e}", self.changelog))?;
+        let gauge = metrics::gauge!(RESTORE_REMAINING, "partition" => partition.to_string());
+        gauge.set(0.0);
         let local = store.changelog_position(partition)?;
         let start = match local {
             Some(pos) if pos + 1 == high => return Ok(Restored::default()),
@@ -73,7 +77,6 @@ impl Restorer {
                 low
             }
         };
-        let gauge = metrics::gauge!(RESTORE_REMAINING, "partition" => partition.to_string());
         if start >= high {
             gauge.set(0.0);
             return Ok(Restored::default());

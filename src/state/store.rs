@@ -375,6 +375,19 @@ impl Store {
     }
 }
 
+/// The online pipeline's entities come from here when not in the batch.
+impl crate::features::engine::Loader for Store {
+    fn customer(&self, key: &Key) -> Result<Option<CustomerState>, StateError> {
+        Store::customer(self, key)
+    }
+    fn merchant(&self, key: &Key) -> Result<Option<MerchantState>, StateError> {
+        Store::merchant(self, key)
+    }
+    fn session(&self, key: &Key) -> Result<Option<SessionState>, StateError> {
+        Store::session(self, key)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,143 @@
+//! One event against the state: which entities it touches, their keys, idle expiry, the
+//! global-table lookups, the feature rows from the state before it, and the update after.
+//! Shared by the online pipeline (state loaded from RocksDB into a [`StateBatch`]) and by
+//! `fraudstream replay` (all state in a [`StateBatch`] in memory), so the two cannot drift.
+//!
+//! No I/O here: a [`Loader`] supplies entities missing from the batch.
+
+use std::collections::hash_map::Entry;
+
+use crate::decode::{NavigationEvent, Transaction};
+use crate::features::{self, Context, Entity, FeatureSet, GlobalHits, Ids};
+use crate::state::global::{self, EntityHashes, GlobalTables};
+use crate::state::{
+    keys, CustomerState, Hasher, Key, MerchantState, SessionState, StateBatch, StateError,
+};
+
+/// Where entities not yet in the batch come from.
+pub trait Loader {
+    fn customer(&self, key: &Key) -> Result<Option<CustomerState>, StateError>;
+    fn merchant(&self, key: &Key) -> Result<Option<MerchantState>, StateError>;
+    fn session(&self, key: &Key) -> Result<Option<SessionState>, StateError>;
+}
+
+/// Everything is in the batch already (replay).
+pub struct InMemory;
+
+impl Loader for InMemory {
+    fn customer(&self, _: &Key) -> Result<Option<CustomerState>, StateError> {
+        Ok(None)
+    }
+    fn merchant(&self, _: &Key) -> Result<Option<MerchantState>, StateError> {
+        Ok(None)
+    }
+    fn session(&self, _: &Key) -> Result<Option<SessionState>, StateError> {
+        Ok(None)
+    }
+}
+
+fn session_key(hasher: &Hasher, partition: i32, customer: &str, session: &str) -> Key {
+    keys::key(partition, &hasher.entity_pair("session", customer, session))
+}
+
+fn session<'a>(
+    state: &'a mut StateBatch,
+    loader: &impl Loader,
+    key: Key,
+    t: i64,
+) -> Result<&'a mut SessionState, StateError> {
+    let s = match state.sessions.entry(key) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => e.insert(loader.session(&key)?.unwrap_or_default()),
+    };
+    let last = (s.events > 0).then_some(s.last_event_ms);
+    features::expire_idle(s, last, t);
+    Ok(s)
+}
+
+/// Applies a navigation event of input partition `partition` to its session.
+pub fn navigation(
+    partition: i32,
+    n: &NavigationEvent,
+    hasher: &Hasher,
+    state: &mut StateBatch,
+    loader: &impl Loader,
+) -> Result<(), StateError> {
+    let key = session_key(hasher, partition, &n.customer_id, &n.session_id);
+    let device = n.device_id.as_deref().map(|v| hasher.short("device", v));
+    let ip = n.ip.as_deref().map(|v| hasher.short("ip", v));
+    let s = session(state, loader, key, n.event_time_ms)?;
+    features::apply_navigation(n, device, ip, s);
+    Ok(())
+}
+
+/// Appends the transaction's row for each feature set (from the state before it), then
+/// applies it to its customer and merchant.
+pub fn transaction(
+    partition: i32,
+    tx: &Transaction,
+    hasher: &Hasher,
+    tables: &GlobalTables,
+    state: &mut StateBatch,
+    loader: &impl Loader,
+    rows: &mut [(&FeatureSet, &mut Vec<f32>)],
+) -> Result<(), StateError> {
+    let h = hasher;
+    let t = tx.event_time_ms;
+    let customer_hash = h.entity("customer", &tx.customer_id);
+    let ck = keys::key(partition, &customer_hash);
+    let mk = keys::key(partition, &h.entity("merchant", &tx.merchant_id));
+    let ids = Ids {
+        card: tx.card_id.as_deref().map(|v| h.short("card", v)),
+        device: tx.device_id.as_deref().map(|v| h.short("device", v)),
+        ip: tx.ip.as_deref().map(|v| h.short("ip", v)),
+    };
+    let global_hits = if tables.sizes() == (0, 0) {
+        GlobalHits::default()
+    } else {
+        let mut e: EntityHashes = [None; 6];
+        e[Entity::Customer.index()] = Some(u64::from_le_bytes(
+            customer_hash[..8].try_into().expect("8"),
+        ));
+        e[Entity::Card.index()] = ids.card;
+        e[Entity::Device.index()] = ids.device;
+        e[Entity::Ip.index()] = ids.ip;
+        if let Some(email) = &tx.email {
+            e[Entity::Email.index()] = Some(global::hash(h, Entity::Email, email));
+            e[Entity::EmailDomain.index()] =
+                global::email_domain(email).map(|d| global::hash(h, Entity::EmailDomain, d));
+        }
+        tables.hits(&e, t)
+    };
+    let sk = tx
+        .session_id
+        .as_deref()
+        .map(|s| session_key(h, partition, &tx.customer_id, s));
+    if let Some(sk) = sk {
+        session(state, loader, sk, t)?;
+    }
+    let customer = match state.customers.entry(ck) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => e.insert(loader.customer(&ck)?.unwrap_or_default()),
+    };
+    let last = customer.last_event_ms;
+    features::expire_idle(customer, last, t);
+    let merchant = match state.merchants.entry(mk) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => e.insert(loader.merchant(&mk)?.unwrap_or_default()),
+    };
+    let last = merchant.last_event_ms;
+    features::expire_idle(merchant, last, t);
+    let ctx = Context {
+        customer,
+        merchant,
+        session: sk.and_then(|k| state.sessions.get(&k)),
+        ids,
+        global: global_hits,
+    };
+    for (set, out) in rows.iter_mut() {
+        set.extend_row(tx, &ctx, out);
+    }
+    features::apply(tx, &ids, customer, merchant);
+    Ok(())
+}
