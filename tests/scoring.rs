@@ -159,3 +159,41 @@ async fn avro_in_plain_and_confluent_avro_verdicts_out() {
     scorer.signal("INT");
     assert!(scorer.wait(Duration::from_secs(30)).success());
 }
+
+/// The Sparkov model reads the stateful features: it loads against this registry, and a
+/// manifest from another registry version is refused with a message naming it.
+#[test]
+fn stateful_model_loads_and_other_registry_versions_are_refused() {
+    let lib = std::env::var_os("ORT_DYLIB_PATH").expect("ORT_DYLIB_PATH (scripts/test sets it)");
+    let env = fraudstream::model::init_runtime(Some(std::path::Path::new(&lib))).unwrap();
+    let path = repo().join("models/sparkov-xgb.manifest.json");
+    let mut model = fraudstream::model::Model::load(env, &path).expect("sparkov model");
+    assert!(model
+        .features
+        .names()
+        .contains(&"customer_tx_count_24h".to_string()));
+    let row = vec![0.0f32; model.features.len()];
+    let mut scores = Vec::new();
+    model.score_rows(&row, &mut scores).unwrap();
+    assert_eq!(scores.len(), 1);
+    assert!((0.0..=1.0).contains(&scores[0]));
+
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    m["registry_version"] = 2.into();
+    m["onnx"] = repo()
+        .join("models/sparkov-xgb.onnx")
+        .to_str()
+        .unwrap()
+        .into();
+    let other = std::env::temp_dir().join(unique("old-registry.json"));
+    std::fs::write(&other, m.to_string()).unwrap();
+    let err = fraudstream::model::Model::load(env, &other)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("registry version 2") && err.contains("`amount`"),
+        "{err}"
+    );
+}

@@ -50,6 +50,10 @@ pub struct Manifest {
     pub output_column: usize,
     /// Ordered feature names, as in the registry.
     pub features: Vec<String>,
+    /// The feature registry version the training table was computed with; required when
+    /// the model reads any named (stateful or derived) feature.
+    #[serde(default)]
+    pub registry_version: Option<u32>,
     pub thresholds: Thresholds,
 }
 
@@ -114,6 +118,22 @@ impl Model {
         };
         let features =
             FeatureSet::resolve(&manifest.features).map_err(|e| mismatch(e.to_string()))?;
+        let named = manifest
+            .features
+            .iter()
+            .find(|f| !f.starts_with("features["));
+        if let Some(first) = named {
+            match manifest.registry_version {
+                Some(v) if v == crate::features::REGISTRY_VERSION => {}
+                v => {
+                    return Err(mismatch(format!(
+                        "the model was trained on feature registry version {}, this scorer computes version {} (first named feature: `{first}`); retrain it with `fraudstream replay` from this version",
+                        v.map_or("(none)".to_string(), |v| v.to_string()),
+                        crate::features::REGISTRY_VERSION
+                    )))
+                }
+            }
+        }
         let onnx_path = manifest_path
             .parent()
             .unwrap_or(Path::new("."))
