@@ -559,10 +559,9 @@ impl Worker {
     }
 
     /// Whether `input`'s partition `p` has nothing more to deliver right now: everything up
-    /// to its high watermark has arrived. The watermark is asked of the broker (ListOffsets)
-    /// at most every [`WATERMARK_TTL`] per partition, and only while the input looks caught
-    /// up: librdkafka's cached fetch watermark is not trusted, as some brokers report the
-    /// end of the returned batch there.
+    /// to its high watermark has arrived. The watermark is librdkafka's, from its last fetch
+    /// response; before the first one it is asked of the broker (ListOffsets), at most every
+    /// [`WATERMARK_TTL`] per partition.
     fn caught_up(&mut self, consumer: &Source, input: usize, p: i32) -> bool {
         let Some(topic) = self.inputs[input].clone() else {
             return true;
@@ -570,6 +569,11 @@ impl Worker {
         let Some(&next) = self.next_offset.get(&(input, p)) else {
             return false;
         };
+        // librdkafka's watermark from the last fetch response: no round trip, current to
+        // within one fetch (fetch.wait.max.ms).
+        if let Some(high) = source::cached_high_watermark(consumer, &topic, p) {
+            return next >= high;
+        }
         if let Some((high, at)) = self.watermarks.get(&(input, p)) {
             if next < *high {
                 return false;

@@ -162,6 +162,27 @@ pub fn consumer(
     Ok((consumer, changes))
 }
 
+/// The high watermark of a partition as of the consumer's last fetch response, without a
+/// request to the broker (librdkafka's cache); `None` before the first fetch.
+pub fn cached_high_watermark(consumer: &Source, topic: &str, partition: i32) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid for the consumer's lifetime, `topic` is a valid
+    // NUL-terminated string for the call, and the out-pointers point to live locals.
+    // rd_kafka_get_watermark_offsets only reads librdkafka's cached values.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
+}
+
 /// The partition count of each topic (`None` if it does not exist).
 pub fn partition_counts(consumer: &Source, topics: &[&str]) -> anyhow::Result<Vec<Option<usize>>> {
     let md = consumer
