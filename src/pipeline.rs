@@ -37,10 +37,9 @@ pub mod headers {
     pub const SOURCE_TOPIC: &str = "fraudstream.source.topic";
     pub const SOURCE_PARTITION: &str = "fraudstream.source.partition";
     pub const SOURCE_OFFSET: &str = "fraudstream.source.offset";
+    /// On a repartitioned record: what it is (`transaction` or `navigation`).
+    pub const KIND: &str = "fraudstream.kind";
 }
-
-/// Header naming what a repartitioned record is (`transaction` or `navigation`).
-pub const KIND_HEADER: &str = "fraudstream.kind";
 
 /// Records of one input partition the merge may hold before its fetching is paused.
 const PAUSE_AT: usize = 50_000;
@@ -124,10 +123,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     // Co-partitioning: partition p of every input is one task, on one instance.
     let repartition = settings.repartition_topic();
     let changelog = settings.state.changelog.then(|| settings.changelog_topic());
-    let counts = source::partition_counts(&consumer, &[&topics.transactions])?;
+    let mut names = vec![topics.transactions.as_str()];
+    names.extend(navigation.as_deref());
+    let counts = source::partition_counts(&consumer, &names)?;
     let partitions = counts[0].unwrap_or(0);
-    if let Some(nav) = &navigation {
-        let n = source::partition_counts(&consumer, &[nav])?[0].unwrap_or(0);
+    if let (Some(nav), Some(n)) = (&navigation, counts.get(1)) {
+        let n = n.unwrap_or(0);
         if n != partitions {
             anyhow::bail!(
                 "topic `{nav}` (navigation) has {n} partitions but `{}` (transactions) has {partitions}: they must be co-partitioned (same key, same partition count)",
@@ -138,8 +139,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let mut internal = vec![(repartition.clone(), false)];
     internal.extend(changelog.iter().map(|c| (c.clone(), true)));
     source::restore::create_internal_topics(&settings, &internal, partitions as i32).await?;
-    for (name, _) in &internal {
-        let n = source::partition_counts(&consumer, &[name])?[0].unwrap_or(0);
+    let names: Vec<&str> = internal.iter().map(|(n, _)| n.as_str()).collect();
+    for (name, n) in names
+        .iter()
+        .zip(source::partition_counts(&consumer, &names)?)
+    {
+        let n = n.unwrap_or(0);
         if n != partitions {
             anyhow::bail!(
                 "internal topic `{name}` has {n} partitions but `{}` has {partitions}; recreate it with {partitions}",
@@ -445,21 +450,28 @@ impl Worker {
             .collect();
         let mut pending = changes.assigned.len();
         self.readiness.set_restoring(pending);
+        let names: Vec<&str> = inputs.iter().map(|(_, t)| t.as_str()).collect();
         for &p in &changes.assigned {
             self.applied.retain(|(_, q), _| *q != p);
             if let Some(r) = &self.restorer {
-                let names: Vec<&str> = inputs.iter().map(|(_, t)| t.as_str()).collect();
                 let restored = r.restore(&self.store, p, &names)?;
                 self.repair.extend(restored.repair);
             }
             pending -= 1;
             self.readiness.set_restoring(pending);
-            // Where each input resumes: with the high watermark, whether it is caught up.
-            let mut tpl = TopicPartitionList::new();
+        }
+        if changes.assigned.is_empty() {
+            return Ok(());
+        }
+        // Where each input resumes: with the high watermark, whether it is caught up.
+        let mut tpl = TopicPartitionList::new();
+        for &p in &changes.assigned {
             for (_, t) in &inputs {
                 tpl.add_partition(t, p);
             }
-            if let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+        }
+        if let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+            for &p in &changes.assigned {
                 for (i, t) in &inputs {
                     let next = match committed.find_partition(t, p).map(|e| e.offset()) {
                         Some(Offset::Offset(o)) => Some(o),
@@ -515,7 +527,7 @@ impl Worker {
         let p = msg.partition();
         self.next_offset.insert((input, p), msg.offset() + 1);
         let kind = if input == REPARTITION {
-            match crate::sink::header(&msg, KIND_HEADER).as_deref() {
+            match crate::sink::header(&msg, headers::KIND).as_deref() {
                 Some("navigation") => NAV,
                 _ => TX,
             }
@@ -748,7 +760,7 @@ impl Worker {
                 Event::Forward { kind, customer } => {
                     forwarded += 1;
                     let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
-                        key: KIND_HEADER,
+                        key: headers::KIND,
                         value: Some(*kind),
                     });
                     self.records.push(OutRecord {

@@ -209,6 +209,5 @@ async fn each_malformed_kind_is_dead_lettered_and_neighbours_scored() {
         let line = format!("fraudstream_dead_letters_total{{kind=\"{kind}\"}} {n}");
         assert!(metrics.contains(&line), "missing `{line}` in:\n{metrics}");
     }
-    scorer.signal("TERM");
-    assert!(scorer.wait(Duration::from_secs(30)).success());
+    scorer.stop();
 }

@@ -75,8 +75,7 @@ async fn consumer_lag_is_exported_per_partition_and_drains_to_zero() {
     }
     last.sort_by_key(|(p, _)| *p);
     assert_eq!(last, vec![(0, 0.0), (1, 0.0), (2, 0.0)]);
-    scorer.signal("TERM");
-    assert!(scorer.wait(Duration::from_secs(30)).success());
+    scorer.stop();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -111,8 +110,7 @@ async fn readiness_follows_the_assignment() {
     );
 
     // The owner stops; the standby takes the partition over and becomes ready.
-    ready.signal("TERM");
-    assert!(ready.wait(Duration::from_secs(30)).success());
+    ready.stop();
     let deadline = Instant::now() + Duration::from_secs(60);
     while standby.http_get("/readyz").await.0 != 200 {
         assert!(
@@ -122,8 +120,7 @@ async fn readiness_follows_the_assignment() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    standby.signal("TERM");
-    assert!(standby.wait(Duration::from_secs(30)).success());
+    standby.stop();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -170,8 +167,7 @@ async fn no_entity_identifier_reaches_logs_or_metric_labels() {
             .await
     );
     let (_, metrics) = scorer.http_get("/metrics").await;
-    scorer.signal("TERM");
-    assert!(scorer.wait(Duration::from_secs(30)).success());
+    scorer.stop();
 
     let log = scorer.log_text();
     assert!(
@@ -232,6 +228,5 @@ async fn compose_stack_and_dashboard_match_what_the_scorer_exports() {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{report}");
     assert!(report.contains("13 dashboard metrics checked"), "{report}");
-    scorer.signal("TERM");
-    assert!(scorer.wait(Duration::from_secs(30)).success());
+    scorer.stop();
 }

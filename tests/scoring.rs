@@ -90,8 +90,7 @@ async fn n_valid_transactions_give_n_verdicts() {
         assert!(body.contains(name), "{name} missing from /metrics:\n{body}");
     }
 
-    scorer.signal("TERM");
-    assert!(scorer.wait(Duration::from_secs(30)).success());
+    scorer.stop();
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -106,8 +106,7 @@ async fn stateful_features_reach_the_verdict() {
             .any(|l| l.starts_with("merchant") && l.contains(" 1 entities")),
         "{report}"
     );
-    scorer.signal("TERM");
-    assert!(scorer.wait(Duration::from_secs(30)).success());
+    scorer.stop();
 }
 
 fn stream(n: usize) -> Vec<(String, Vec<u8>)> {
@@ -159,8 +158,7 @@ async fn state_is_applied_once_when_killed_and_restarted() {
 
     let mut a = Scorer::start(&clean, &[AUDIT]);
     let expected = all_verdicts(&clean, n, &a).await;
-    a.signal("TERM");
-    assert!(a.wait(Duration::from_secs(30)).success());
+    a.stop();
 
     let mut first = Scorer::start(&crash, &[AUDIT, ("FRAUDSTREAM__BATCH__MAX_RECORDS", "50")]);
     let mut reader = Reader::new(&crash.verdicts);

@@ -87,8 +87,7 @@ async fn browsing_before_a_purchase_is_seen_in_event_time_order() {
     assert_eq!(f("p2", "session_age_seconds"), 0.001);
     assert_eq!(f("p3", "session_events"), 0.0, "carol did not browse");
     assert_eq!(f("p3", "session_age_seconds"), -1.0);
-    scorer.signal("TERM");
-    assert!(scorer.wait(Duration::from_secs(30)).success());
+    scorer.stop();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -186,8 +185,7 @@ async fn labels_and_blocklist_affect_the_next_transaction_and_tombstones_lift() 
         metrics.contains("fraudstream_global_table_entries{table=\"blocklist\"} 1"),
         "{metrics}"
     );
-    scorer.signal("TERM");
-    assert!(scorer.wait(Duration::from_secs(30)).success());
+    scorer.stop();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -246,8 +244,7 @@ async fn unkeyed_input_is_rekeyed_by_customer() {
         .and_then(|x| x.parse().ok())
         .unwrap_or(0.0);
     assert_eq!(forwarded as usize, records.len());
-    scorer.signal("TERM");
-    assert!(scorer.wait(Duration::from_secs(30)).success());
+    scorer.stop();
 }
 
 /// Transactions and navigation events for `customers` customers, one page view or cart add
@@ -309,8 +306,7 @@ async fn state_follows_partitions_through_rebalances_and_a_kill() {
     let mut reader = Reader::new(&clean.verdicts);
     run_until(&a, &mut reader, n).await;
     let expected = verdicts_by_id(&reader.messages);
-    a.signal("TERM");
-    assert!(a.wait(Duration::from_secs(30)).success());
+    a.stop();
 
     let moved = {
         let other = topics("follow-moved", 4).await;
@@ -421,6 +417,5 @@ async fn replay_computes_the_online_features() {
         compared += 1;
     }
     assert_eq!(compared, n);
-    scorer.signal("TERM");
-    assert!(scorer.wait(Duration::from_secs(30)).success());
+    scorer.stop();
 }

@@ -13,7 +13,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 pub fn brokers() -> String {
@@ -222,11 +222,7 @@ impl Reader {
 }
 
 pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
-    let h: &OwnedHeaders = m.headers()?;
-    h.iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
+    fraudstream::sink::header(m, name)
 }
 
 /// A `fraudstream run` child process.
@@ -288,6 +284,12 @@ impl Scorer {
             log,
             metrics,
         }
+    }
+
+    /// SIGTERM, and asserts a clean exit (code 0) within 30 s.
+    pub fn stop(&mut self) {
+        self.signal("TERM");
+        assert!(self.wait(Duration::from_secs(30)).success());
     }
 
     pub fn signal(&self, sig: &str) {

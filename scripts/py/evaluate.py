@@ -1,6 +1,7 @@
 """Test-period metrics and plots shared by the training scripts, and the ULB model's evaluation.
 
-As a library (train_sparkov.py): `test_metrics`, `at_threshold`, `at_rate`, `plots`.
+As a library (train_ulb.py, train_sparkov.py): `sha256`, `test_metrics`, `at_threshold`,
+`at_rate`, `plots`.
 As a command, evaluates the committed ULB model on its own test period (the last 20 % of the
 rows by Time, the split of train_ulb.py) and writes models/ulb-xgb-pr.png and
 models/ulb-xgb-scores.png:
@@ -9,6 +10,7 @@ models/ulb-xgb-scores.png:
 """
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -17,6 +19,14 @@ import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 REVIEW_RATES = (0.005, 0.01)
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def at_threshold(y, p, t):

@@ -28,7 +28,6 @@ Writes, into the output directory:
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import sys
@@ -44,7 +43,7 @@ from onnxmltools.convert.common.data_types import FloatTensorType
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from evaluate import plots, test_metrics  # noqa: E402
+from evaluate import plots, sha256, test_metrics  # noqa: E402
 
 SEED = 20261122
 NAME = "sparkov-xgb"
@@ -64,14 +63,6 @@ EARLY_STOP = 30
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def iso(ms):

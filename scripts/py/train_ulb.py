@@ -16,7 +16,6 @@ and, into the sample directory, a small held-out sample for the demo and tests.
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import sys
@@ -30,28 +29,10 @@ from onnxmltools import convert_xgboost
 from onnxmltools.convert.common.data_types import FloatTensorType
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from evaluate import at_threshold, sha256
+
 COLUMNS = ["Time"] + [f"V{i}" for i in range(1, 29)] + ["Amount"]
 SEED = 20261122
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def at_threshold(y, p, t):
-    flagged = p >= t
-    tp = int((flagged & (y == 1)).sum())
-    n_flag = int(flagged.sum())
-    return {
-        "threshold": float(t),
-        "flagged_rate": n_flag / len(y),
-        "precision": tp / n_flag if n_flag else 0.0,
-        "recall": tp / int((y == 1).sum()),
-    }
 
 
 def main():

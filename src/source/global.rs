@@ -39,13 +39,7 @@ impl GlobalReader {
         let loaded = Arc::new(AtomicBool::new(false));
         let labels = settings.topics.labels.clone();
         let blocklist = settings.topics.blocklist.clone();
-        let mut config = super::client_config(settings)?;
-        config
-            .set("group.id", format!("{}-global", settings.group_id))
-            .set("enable.auto.commit", "false")
-            // Lag statistics are the group consumer's; these would only be logged.
-            .set("statistics.interval.ms", "0");
-        let consumer: BaseConsumer = config
+        let consumer: BaseConsumer = super::side_client_config(settings, "global")?
             .create()
             .map_err(|e| anyhow::anyhow!("cannot create the global-table consumer: {e}"))?;
         let mut tpl = TopicPartitionList::new();

@@ -148,6 +148,17 @@ pub fn client_config(settings: &Settings) -> anyhow::Result<ClientConfig> {
     Ok(c)
 }
 
+/// A consumer outside the group (global tables, restore): the group consumer's settings,
+/// its own `group.id` (never committed to), and no statistics (the group consumer's lag is
+/// the one exported; these would only be logged).
+pub fn side_client_config(settings: &Settings, role: &str) -> anyhow::Result<ClientConfig> {
+    let mut c = client_config(settings)?;
+    c.set("group.id", format!("{}-{role}", settings.group_id))
+        .set("enable.auto.commit", "false")
+        .set("statistics.interval.ms", "0");
+    Ok(c)
+}
+
 pub fn consumer(
     settings: &Settings,
     readiness: Readiness,

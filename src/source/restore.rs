@@ -27,13 +27,8 @@ pub struct Restorer {
 
 impl Restorer {
     pub fn new(settings: &Settings) -> anyhow::Result<Restorer> {
-        let mut config = super::client_config(settings)?;
-        config
-            .set("group.id", format!("{}-restore", settings.group_id))
-            .set("enable.auto.commit", "false")
-            // Lag statistics are the group consumer's; these would only be logged.
-            .set("statistics.interval.ms", "0")
-            .set("enable.partition.eof", "false");
+        let mut config = super::side_client_config(settings, "restore")?;
+        config.set("enable.partition.eof", "false");
         Ok(Restorer {
             consumer: config
                 .create()
