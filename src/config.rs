@@ -147,6 +147,12 @@ pub struct ModelSettings {
     pub manifest: PathBuf,
     /// `libonnxruntime.so`. When unset, the `ORT_DYLIB_PATH` environment variable is used.
     pub onnxruntime_library: Option<PathBuf>,
+    /// A challenger model's manifest: it scores every transaction too, its score and version
+    /// go into the verdict's `shadow` field, and it never changes the decision.
+    pub shadow: Option<PathBuf>,
+    /// How often the model files are checked for changes (hot reload); 0 turns watching off
+    /// (SIGHUP and `POST /admin/reload-model` still reload).
+    pub watch_interval_ms: u64,
 }
 
 impl Default for ModelSettings {
@@ -154,6 +160,8 @@ impl Default for ModelSettings {
         ModelSettings {
             manifest: PathBuf::from("models/ulb-xgb.manifest.json"),
             onnxruntime_library: None,
+            shadow: None,
+            watch_interval_ms: 1000,
         }
     }
 }

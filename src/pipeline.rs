@@ -18,9 +18,10 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Settings, VerdictFormat};
-use crate::decision::{Decision, Verdict};
+use crate::decision::{Decision, ShadowScore, Verdict};
 use crate::decode::{DecodeError, Decoder, ErrorKind, NavigationEvent, Transaction};
 use crate::features::{engine, FeatureSet};
+use crate::model::reload::{self, ReloadHandle, Role};
 use crate::model::{self, Model};
 use crate::sink::{OutRecord, Sink, Topic};
 use crate::source::global::GlobalReader;
@@ -56,6 +57,19 @@ const TX: usize = 2;
 /// Runs fraudstream until `shutdown` is cancelled. Errors are fatal: the caller exits
 /// non-zero, and nothing unacknowledged was committed.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // SIGHUP reloads the model (and would otherwise end the process).
+    let reloads = ReloadHandle::default();
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+        let reloads = reloads.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: loading the model files again.");
+                reloads.request();
+            }
+        });
+    }
     let readiness = Readiness::default();
     let prometheus = telemetry::install().context("cannot install the metrics recorder")?;
     // Export every counter from the start, at zero, so rates and dashboards work before
@@ -76,6 +90,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         settings.metrics.listen,
         prometheus,
         readiness.clone(),
+        reloads.clone(),
         shutdown.clone(),
     )
     .await?;
@@ -83,13 +98,41 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
     let env = model::init_runtime(settings.onnxruntime_library().as_deref())?;
     let model = Model::load(env, &settings.model.manifest)?;
-    metrics::gauge!(telemetry::MODEL_INFO, "model_version" => model.manifest.model_version.clone())
-        .set(1.0);
+    model_info(Role::Primary, &model, 1.0);
     tracing::info!(
         model_version = %model.manifest.model_version,
         features = model.features.len(),
         "Model loaded."
     );
+    let shadow = match &settings.model.shadow {
+        Some(path) => {
+            let shadow = Model::load(env, path)?;
+            model_info(Role::Shadow, &shadow, 1.0);
+            tracing::info!(
+                model_version = %shadow.manifest.model_version,
+                features = shadow.features.len(),
+                "Shadow model loaded: it scores every transaction and never decides."
+            );
+            Some(shadow)
+        }
+        None => None,
+    };
+    let mut watched = vec![(Role::Primary, settings.model.manifest.clone())];
+    watched.extend(
+        settings
+            .model
+            .shadow
+            .iter()
+            .map(|p| (Role::Shadow, p.clone())),
+    );
+    reload::start(
+        env,
+        watched,
+        Duration::from_millis(settings.model.watch_interval_ms),
+        reloads.clone(),
+        shutdown.clone(),
+    )
+    .context("cannot start the model watcher")?;
     let decoder = Decoder::new(&settings.input, model.features.requirements())?;
     let store = Store::open(&settings.state.path)?;
     let secret = settings.state.hmac_secret.resolve("state.hmac-secret")?;
@@ -98,13 +141,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     }
     let hasher = Hasher::new(secret.as_bytes());
     let audit = if settings.output.audit_features {
-        let mut names = model.features.names().to_vec();
-        for n in FeatureSet::all_named().names() {
-            if !names.contains(n) {
-                names.push(n.clone());
-            }
-        }
-        Some(FeatureSet::resolve(&names)?)
+        Some(audit_set(&model)?)
     } else {
         None
     };
@@ -177,6 +214,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let mut worker = Worker {
         decoder,
         model,
+        shadow,
+        reloads,
         store,
         hasher,
         audit,
@@ -196,6 +235,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         ready: Vec::new(),
         rows: Vec::new(),
         audit_rows: Vec::new(),
+        shadow_rows: Vec::new(),
+        shadow_ok: Vec::new(),
+        shadow_scores: Vec::new(),
         verdict_format: settings.output.verdict_format,
         verdict_schema_id: settings.output.verdict_schema_id,
         records: Vec::new(),
@@ -295,6 +337,9 @@ async fn consume_loop(
         if worker.ready.is_empty() {
             continue;
         }
+        // Between batches: a model checked by the watcher takes over here, so that every
+        // batch is scored by one model.
+        worker.swap_models()?;
         worker.process()?;
         sink.deliver(&worker.records, shutdown).await?;
         let acked_ms = now_ms();
@@ -376,6 +421,10 @@ struct Task {
 struct Worker {
     decoder: Decoder,
     model: Model,
+    /// The challenger (`model.shadow`): scores, never decides.
+    shadow: Option<Model>,
+    /// Where the model watcher leaves newly checked models.
+    reloads: ReloadHandle,
     store: Store,
     /// Turns entity identifiers into state keys.
     hasher: Hasher,
@@ -410,6 +459,11 @@ struct Worker {
     ready: Vec<Pending>,
     rows: Vec<f32>,
     audit_rows: Vec<f32>,
+    shadow_rows: Vec<f32>,
+    /// Per transaction of `shadow_rows`: whether it carries what the shadow reads (a
+    /// passthrough shadow cannot score a transaction without its vector; it is left out).
+    shadow_ok: Vec<bool>,
+    shadow_scores: Vec<f32>,
     verdict_format: VerdictFormat,
     verdict_schema_id: Option<u32>,
     /// What the batch produces: verdicts, dead letters, repartitioned records, changelog.
@@ -745,16 +799,20 @@ impl Worker {
                 .or_insert(rec.msg.offset());
             *e = (*e).max(rec.msg.offset());
             match &rec.event {
-                Event::Tx(tx) => {
-                    self.features_and_apply(p, tx, &tables)?;
-                    txs.push(tx);
-                }
+                Event::Tx(tx) => match self.model.features.requirements().check(tx) {
+                    Ok(()) => {
+                        self.features_and_apply(p, tx, &tables)?;
+                        txs.push(tx);
+                    }
+                    // Decoded for a model swapped out since, and not what this one reads.
+                    Err(e) => {
+                        dead[e.kind as usize] += 1;
+                        self.records.push(dead_letter(&rec.msg, &e));
+                    }
+                },
                 Event::Nav(n) => self.apply_navigation(p, n)?,
                 Event::Bad(e) => {
-                    dead[ErrorKind::ALL
-                        .iter()
-                        .position(|k| *k == e.kind)
-                        .unwrap_or(0)] += 1;
+                    dead[e.kind as usize] += 1;
                     self.records.push(dead_letter(&rec.msg, e));
                 }
                 Event::Forward { kind, customer } => {
@@ -848,6 +906,17 @@ impl Worker {
         self.model.score_rows(&self.rows, &mut self.scores)?;
         metrics::histogram!(telemetry::SCORING_DURATION).record(t.elapsed().as_secs_f64());
         metrics::histogram!(telemetry::SCORING_BATCH_ROWS).record(txs.len() as f64);
+        let shadow = match &mut self.shadow {
+            Some(m) => match m.score_rows(&self.shadow_rows, &mut self.shadow_scores) {
+                Ok(()) => Some(&m.manifest),
+                Err(e) => {
+                    tracing::warn!(error = %e, model_version = %m.manifest.model_version, "Shadow model failed; verdicts go out without its score.");
+                    metrics::counter!(telemetry::SHADOW_ERRORS).increment(txs.len() as u64);
+                    None
+                }
+            },
+            None => None,
+        };
         let manifest = &self.model.manifest;
         for (i, (tx, &score)) in txs.iter().zip(&self.scores).enumerate() {
             let mut verdict = Verdict::new(
@@ -857,6 +926,16 @@ impl Worker {
                 &manifest.model_version,
                 scored_at,
             );
+            if let Some(s) = shadow {
+                if self.shadow_ok[i] {
+                    let score = self.shadow_scores[i];
+                    verdict.shadow = Some(ShadowScore {
+                        model_version: s.model_version.clone(),
+                        score,
+                        decision: s.thresholds.decide(score),
+                    });
+                }
+            }
             if let Some(audit) = &self.audit {
                 let row = &self.audit_rows[i * audit.len()..(i + 1) * audit.len()];
                 verdict.features = Some(
@@ -884,6 +963,8 @@ impl Worker {
         }
         self.rows.clear();
         self.audit_rows.clear();
+        self.shadow_rows.clear();
+        self.shadow_ok.clear();
         Ok(())
     }
 
@@ -908,6 +989,11 @@ impl Worker {
         if let Some(audit) = &self.audit {
             rows.push((audit, &mut self.audit_rows));
         }
+        if let Some(shadow) = &self.shadow {
+            self.shadow_ok
+                .push(shadow.features.requirements().check(tx).is_ok());
+            rows.push((&shadow.features, &mut self.shadow_rows));
+        }
         engine::transaction(
             partition,
             tx,
@@ -917,6 +1003,38 @@ impl Worker {
             &self.store,
             &mut rows,
         )?;
+        Ok(())
+    }
+
+    /// Puts in service the models the watcher has checked since the last batch.
+    fn swap_models(&mut self) -> anyhow::Result<()> {
+        let Some(new) = self.reloads.take() else {
+            return Ok(());
+        };
+        if let Some(model) = new.primary {
+            let old = std::mem::replace(&mut self.model, model);
+            model_info(Role::Primary, &old, 0.0);
+            model_info(Role::Primary, &self.model, 1.0);
+            self.decoder
+                .set_requirements(self.model.features.requirements());
+            if self.audit.is_some() {
+                self.audit = Some(audit_set(&self.model)?);
+            }
+            tracing::info!(
+                from = %old.manifest.model_version,
+                to = %self.model.manifest.model_version,
+                "Model swapped in."
+            );
+        }
+        if let Some(model) = new.shadow {
+            if let Some(old) = self.shadow.replace(model) {
+                model_info(Role::Shadow, &old, 0.0);
+            }
+            if let Some(shadow) = &self.shadow {
+                model_info(Role::Shadow, shadow, 1.0);
+                tracing::info!(to = %shadow.manifest.model_version, "Shadow model swapped in.");
+            }
+        }
         Ok(())
     }
 
@@ -945,6 +1063,23 @@ impl Worker {
             }
         }
     }
+}
+
+/// Sets the info metric of a model: 1 in service, 0 replaced.
+fn model_info(role: Role, model: &Model, value: f64) {
+    metrics::gauge!(telemetry::MODEL_INFO, "model" => role.as_str(), "model_version" => model.manifest.model_version.clone())
+        .set(value);
+}
+
+/// With `output.audit-features`: the model's features, then every other named one.
+fn audit_set(model: &Model) -> anyhow::Result<FeatureSet> {
+    let mut names = model.features.names().to_vec();
+    for n in FeatureSet::all_named().names() {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    Ok(FeatureSet::resolve(&names)?)
 }
 
 /// The original key and bytes, unchanged, with headers saying what was wrong and where the

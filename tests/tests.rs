@@ -7,6 +7,7 @@ mod config_errors;
 mod dead_letter;
 mod operations;
 mod parity;
+mod reload;
 mod scoring;
 mod shutdown;
 mod state;

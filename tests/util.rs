@@ -268,6 +268,9 @@ impl Scorer {
             .env("FRAUDSTREAM__TOPICS__DEAD_LETTER", &t.dead_letter)
             .env("FRAUDSTREAM__METRICS__LISTEN", &metrics)
             .env("FRAUDSTREAM__STATE__PATH", Scorer::state_dir(t, instance))
+            // The fixtures are ULB rows with their feature vectors: the passthrough model
+            // reads them (the default model reads Sparkov-style transactions).
+            .env("FRAUDSTREAM__MODEL__MANIFEST", manifest_path())
             // A killed member must leave the group quickly for the restart test.
             .env("FRAUDSTREAM__KAFKA_CONSUMER__SESSION_TIMEOUT_MS", "6000")
             .env("FRAUDSTREAM__KAFKA_CONSUMER__HEARTBEAT_INTERVAL_MS", "1000")
@@ -331,10 +334,30 @@ impl Scorer {
 
     /// GET a path of the metrics endpoint, retrying while the scorer starts.
     pub async fn http_get(&self, path: &str) -> (u16, String) {
+        self.http("GET", path).await
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.http_get("/readyz").await.0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "not ready after {timeout:?}; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A request to the metrics endpoint, retrying while the scorer starts.
+    pub async fn http(&self, method: &str, path: &str) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         for _ in 0..100 {
             if let Ok(mut s) = tokio::net::TcpStream::connect(&self.metrics).await {
-                let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let req = format!(
+                    "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
                 s.write_all(req.as_bytes()).await.unwrap();
                 let mut body = String::new();
                 s.read_to_string(&mut body).await.unwrap();

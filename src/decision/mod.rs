@@ -99,6 +99,18 @@ pub struct Verdict {
     /// With `output.audit-features`: every feature value computed for this transaction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub features: Option<BTreeMap<String, f32>>,
+    /// With `model.shadow`: the challenger's score. It never changes `decision`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowScore>,
+}
+
+/// What the shadow (challenger) model made of a transaction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowScore {
+    pub model_version: String,
+    pub score: f32,
+    /// The decision the shadow's own thresholds would give: for comparing, never applied.
+    pub decision: Decision,
 }
 
 impl Verdict {
@@ -120,6 +132,7 @@ impl Verdict {
             degraded: false,
             reasons: Vec::new(),
             features: None,
+            shadow: None,
         }
     }
 
@@ -184,6 +197,26 @@ impl Verdict {
                     ),
                 },
             ),
+            (
+                "shadow".into(),
+                match &self.shadow {
+                    None => Value::Union(0, Box::new(Value::Null)),
+                    Some(s) => Value::Union(
+                        1,
+                        Box::new(Value::Record(vec![
+                            (
+                                "model_version".into(),
+                                Value::String(s.model_version.clone()),
+                            ),
+                            ("score".into(), Value::Double(f64::from(s.score))),
+                            (
+                                "decision".into(),
+                                Value::Enum(s.decision.avro_index(), s.decision.as_str().into()),
+                            ),
+                        ])),
+                    ),
+                },
+            ),
         ]);
         let datum = apache_avro::to_avro_datum(verdict_schema(), value)
             .expect("a Verdict value always matches its schema");
@@ -212,6 +245,14 @@ struct AvroVerdict {
     degraded: bool,
     reasons: Vec<Reason>,
     features: Option<BTreeMap<String, f64>>,
+    shadow: Option<AvroShadow>,
+}
+
+#[derive(Deserialize)]
+struct AvroShadow {
+    model_version: String,
+    score: f64,
+    decision: Decision,
 }
 
 impl From<AvroVerdict> for Verdict {
@@ -229,6 +270,11 @@ impl From<AvroVerdict> for Verdict {
             features: a
                 .features
                 .map(|f| f.into_iter().map(|(k, v)| (k, v as f32)).collect()),
+            shadow: a.shadow.map(|s| ShadowScore {
+                model_version: s.model_version,
+                score: s.score as f32,
+                decision: s.decision,
+            }),
         }
     }
 }
@@ -318,6 +364,11 @@ mod tests {
         v.reasons.push(Reason {
             code: "x".into(),
             text: "y".into(),
+        });
+        v.shadow = Some(ShadowScore {
+            model_version: "m-2".into(),
+            score: 0.25,
+            decision: Decision::Approve,
         });
         let mut out = Vec::new();
         v.write_avro(None, &mut out);

@@ -124,6 +124,35 @@ pub struct Requirements {
     pub passthrough_len: Option<usize>,
 }
 
+impl Requirements {
+    /// Whether the model can score `tx` (a transaction decoded for another model may not).
+    pub fn check(&self, tx: &Transaction) -> Result<(), DecodeError> {
+        if let Some(want) = self.passthrough_len {
+            match &tx.features {
+                None => {
+                    return Err(DecodeError::new(
+                        ErrorKind::MissingField,
+                        format!(
+                            "missing field `features`: the model reads a vector of {want} values"
+                        ),
+                    ))
+                }
+                Some(f) if f.len() != want => {
+                    return Err(DecodeError::new(
+                        ErrorKind::FeatureLength,
+                        format!(
+                            "`features` has {} values, the model reads exactly {want}",
+                            f.len()
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Decodes and validates transactions. Built once at start from the settings.
 pub struct Decoder {
     format: InputFormat,
@@ -137,6 +166,11 @@ const MIN_EVENT_TIME_MS: i64 = 0;
 const MAX_EVENT_TIME_MS: i64 = 253_402_300_799_999;
 
 impl Decoder {
+    /// What later transactions must carry: the requirements of a model swapped in.
+    pub fn set_requirements(&mut self, requirements: Requirements) {
+        self.requirements = requirements;
+    }
+
     /// `schema_ids` maps Confluent schema ids to writer-schema files.
     pub fn new(
         input: &InputSettings,
@@ -272,32 +306,20 @@ pub fn validate(tx: &Transaction, req: &Requirements) -> Result<(), DecodeError>
             ));
         }
     }
-    if let Some(want) = req.passthrough_len {
-        match &tx.features {
-            None => {
-                return Err(DecodeError::new(
-                    ErrorKind::MissingField,
-                    format!("missing field `features`: the model reads a vector of {want} values"),
-                ))
-            }
-            Some(f) if f.len() != want => {
-                return Err(DecodeError::new(
-                    ErrorKind::FeatureLength,
-                    format!(
-                        "`features` has {} values, the model reads exactly {want}",
-                        f.len()
-                    ),
-                ))
-            }
-            Some(_) => {}
-        }
-    }
-    Ok(())
+    req.check(tx)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_kinds_are_listed_in_declaration_order() {
+        // The pipeline counts dead letters in an array indexed by `kind as usize`.
+        for (i, k) in ErrorKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i);
+        }
+    }
 
     pub(crate) fn decoder(req: Requirements) -> Decoder {
         Decoder::new(&InputSettings::default(), req).unwrap()

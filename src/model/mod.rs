@@ -3,7 +3,9 @@
 //!
 //! Loading checks the manifest against the feature registry and the ONNX input shape, so a
 //! model that would read the wrong columns never starts. `Session::run` needs `&mut self`,
-//! so each scoring worker owns its own [`Model`].
+//! so each scoring worker owns its own [`Model`]. [`reload`] swaps in a new one while running.
+
+pub mod reload;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -42,6 +44,10 @@ pub struct Manifest {
     pub model_version: String,
     /// The ONNX file, relative to the manifest's folder.
     pub onnx: PathBuf,
+    /// SHA-256 of the ONNX file, hex; when present the file must match it (a manifest
+    /// replaced before its ONNX file, or a truncated copy, is refused).
+    #[serde(default)]
+    pub onnx_sha256: Option<String>,
     /// Name of the ONNX input tensor (float, [N, features]).
     pub input: String,
     /// Name of the ONNX output tensor holding class probabilities.
@@ -67,6 +73,14 @@ impl Manifest {
         let m: Manifest = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
         m.thresholds.check().map_err(err)?;
         Ok(m)
+    }
+
+    /// The ONNX file: `onnx` resolved against the manifest's folder.
+    pub fn onnx_path(&self, manifest_path: &Path) -> PathBuf {
+        manifest_path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(&self.onnx)
     }
 }
 
@@ -134,15 +148,26 @@ impl Model {
                 }
             }
         }
-        let onnx_path = manifest_path
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(&manifest.onnx);
+        let onnx_path = manifest.onnx_path(manifest_path);
         let onnx_err = |message: String| ModelError::Onnx {
             path: onnx_path.clone(),
             message,
         };
         let e = |e: &dyn std::fmt::Display| onnx_err(e.to_string());
+        let bytes = std::fs::read(&onnx_path).map_err(|x| e(&x))?;
+        if let Some(want) = &manifest.onnx_sha256 {
+            use sha2::Digest;
+            let got = sha2::Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>();
+            if !got.eq_ignore_ascii_case(want) {
+                return Err(mismatch(format!(
+                    "the ONNX file {} has SHA-256 {got}, the manifest expects {want} (a half-copied model, or the manifest of another one)",
+                    onnx_path.display()
+                )));
+            }
+        }
         let session = Session::builder(env)
             .map_err(|x| e(&x))?
             .with_optimization_level(GraphOptimizationLevel::Level3)
@@ -151,7 +176,7 @@ impl Model {
             .map_err(|x| e(&x))?
             .with_inter_threads(1)
             .map_err(|x| e(&x))?
-            .commit_from_file(&onnx_path)
+            .commit_from_memory(&bytes)
             .map_err(|x| e(&x))?;
 
         let input = session

@@ -1,4 +1,5 @@
-//! Metric names and the HTTP endpoint that serves `/metrics`, `/healthz` and `/readyz`.
+//! Metric names and the HTTP endpoint that serves `/metrics`, `/healthz`, `/readyz` and
+//! `POST /admin/reload-model`.
 //!
 //! Names follow Prometheus conventions: `fraudstream_` prefix, base units, `_total` on
 //! counters, `_seconds` histograms with explicit buckets. Labels are bounded: topic,
@@ -13,6 +14,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::model::reload::ReloadHandle;
 
 /// Counter, label `topic`: messages taken from an input topic.
 pub const MESSAGES_CONSUMED: &str = "fraudstream_messages_consumed_total";
@@ -33,8 +36,13 @@ pub const PRODUCE_RETRIES: &str = "fraudstream_produce_retries_total";
 /// Gauge, labels `topic`, `partition`: messages of an assigned partition not yet
 /// acknowledged (high watermark − stored offset), from librdkafka statistics.
 pub const CONSUMER_LAG: &str = "fraudstream_consumer_lag_messages";
-/// Gauge, label `model_version`: 1 for the model in service (an info metric).
+/// Gauge, labels `model` (primary, shadow) and `model_version`: 1 for a model in service,
+/// 0 once replaced (an info metric).
 pub const MODEL_INFO: &str = "fraudstream_model_info";
+/// Counter, labels `model` (primary, shadow) and `result` (loaded, refused): hot reloads.
+pub const MODEL_RELOADS: &str = "fraudstream_model_reloads_total";
+/// Counter: transactions the shadow model could not score (its score is left out).
+pub const SHADOW_ERRORS: &str = "fraudstream_shadow_errors_total";
 /// Gauge: partitions of the transactions topic assigned to this instance.
 pub const ASSIGNED_PARTITIONS: &str = "fraudstream_assigned_partitions";
 /// Gauge, label `partition`: changelog records left to restore (0 when done).
@@ -116,6 +124,18 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         REPARTITIONED,
         "Records forwarded to the repartition topic because their key was not the customer id."
     );
+    metrics::describe_gauge!(
+        MODEL_INFO,
+        "1 for a model in service, by role and version (0 once replaced)."
+    );
+    metrics::describe_counter!(
+        MODEL_RELOADS,
+        "Model reloads, by role and result (loaded, refused)."
+    );
+    metrics::describe_counter!(
+        SHADOW_ERRORS,
+        "Transactions the shadow model could not score."
+    );
     Ok(handle)
 }
 
@@ -155,6 +175,7 @@ pub async fn serve(
     addr: SocketAddr,
     handle: PrometheusHandle,
     readiness: Readiness,
+    reload: ReloadHandle,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr)
@@ -171,8 +192,9 @@ pub async fn serve(
                     let Ok((stream, _)) = accepted else { continue };
                     let handle = handle.clone();
                     let readiness = readiness.clone();
+                    let reload = reload.clone();
                     tokio::spawn(async move {
-                        let _ = respond(stream, &handle, &readiness).await;
+                        let _ = respond(stream, &handle, &readiness, &reload).await;
                     });
                 }
             }
@@ -181,11 +203,12 @@ pub async fn serve(
     Ok((bound, task))
 }
 
-/// A minimal HTTP/1.1 responder: one request per connection, GET only.
+/// A minimal HTTP/1.1 responder: one request per connection, GET (and one POST) only.
 async fn respond(
     mut stream: tokio::net::TcpStream,
     handle: &PrometheusHandle,
     readiness: &Readiness,
+    reload: &ReloadHandle,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
@@ -218,11 +241,19 @@ async fn respond(
             "text/plain",
             "not ready: no partitions assigned\n".to_string(),
         ),
+        // Loads and checks the configured model files again; answers once they are checked
+        // (the swap follows at the next batch boundary) or refused.
+        ("POST", "/admin/reload-model") => {
+            match reload.request_and_wait(Duration::from_secs(60)).await {
+                Ok(summary) => ("200 OK", "text/plain", format!("{summary}\n")),
+                Err(e) => ("422 Unprocessable Entity", "text/plain", format!("{e}\n")),
+            }
+        }
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => (
             "405 Method Not Allowed",
             "text/plain",
-            "GET only\n".to_string(),
+            "GET only (and POST /admin/reload-model)\n".to_string(),
         ),
     };
     let response = format!(

@@ -1,0 +1,248 @@
+//! Hot reload: a watcher thread that loads and checks a new model off the scoring path, and
+//! a slot the pipeline takes it from between two batches.
+//!
+//! A reload starts when the manifest or the ONNX file it names changes on disk (polled every
+//! `model.watch-interval-ms`, and loaded once the files have stopped changing for one
+//! interval), on SIGHUP, or on `POST /admin/reload-model`. The new model goes through exactly
+//! the checks of a start ([`Model::load`]); a model that fails them is refused, logged and
+//! counted, and the one in service keeps scoring. A checked model waits in the slot until the
+//! pipeline finishes its current batch: every batch is scored by one model, and each verdict
+//! names it. The guarantee and its limit: no transaction is dropped or scored twice by a
+//! swap, but a batch re-delivered after a crash is scored by whichever model is in service
+//! then.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Manifest, Model};
+use crate::telemetry;
+
+/// Which model a reload concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Decides.
+    Primary,
+    /// Scores alongside, never decides (`model.shadow`).
+    Shadow,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Shadow => "shadow",
+        }
+    }
+}
+
+/// Models checked by the watcher, waiting for the pipeline's next batch boundary.
+#[derive(Default)]
+pub struct Candidates {
+    pub primary: Option<Model>,
+    pub shadow: Option<Model>,
+}
+
+/// Shared between the watcher thread, the pipeline and the HTTP endpoint.
+#[derive(Clone, Default)]
+pub struct ReloadHandle(Arc<Shared>);
+
+#[derive(Default)]
+struct Shared {
+    /// Reloads asked for (SIGHUP, endpoint); the watcher serves up to this number.
+    requested: AtomicU64,
+    /// The last request served, and what came of it (for the endpoint's answer).
+    served: Mutex<(u64, Option<Result<String, String>>)>,
+    /// Checked models the pipeline has not taken yet.
+    pending: Mutex<Candidates>,
+}
+
+impl ReloadHandle {
+    /// Asks the watcher to reload every configured model now.
+    pub fn request(&self) -> u64 {
+        self.0.requested.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Asks for a reload and waits (up to `timeout`) for its outcome: `Ok(summary)` when
+    /// every model loaded and passed its checks, `Err(reason)` when one was refused.
+    pub async fn request_and_wait(&self, timeout: Duration) -> Result<String, String> {
+        let ticket = self.request();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(served) = self.0.served.lock() {
+                if let (n, Some(outcome)) = &*served {
+                    if *n >= ticket {
+                        return outcome.clone();
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err("no answer from the model watcher in time".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The models checked since the last call, if any.
+    pub fn take(&self) -> Option<Candidates> {
+        let mut pending = self.0.pending.lock().ok()?;
+        if pending.primary.is_none() && pending.shadow.is_none() {
+            return None;
+        }
+        Some(std::mem::take(&mut *pending))
+    }
+
+    fn offer(&self, role: Role, model: Model) {
+        if let Ok(mut pending) = self.0.pending.lock() {
+            match role {
+                Role::Primary => pending.primary = Some(model),
+                Role::Shadow => pending.shadow = Some(model),
+            }
+        }
+    }
+}
+
+/// What identifies the files of a model on disk: (path, modified, length) of the manifest
+/// and of the ONNX file it names.
+type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
+
+fn fingerprint(manifest: &Path) -> Fingerprint {
+    let stat = |p: &Path| {
+        let m = std::fs::metadata(p).ok();
+        (
+            p.to_path_buf(),
+            m.as_ref().and_then(|m| m.modified().ok()),
+            m.map_or(0, |m| m.len()),
+        )
+    };
+    let mut files = vec![stat(manifest)];
+    if let Ok(m) = Manifest::read(manifest) {
+        files.push(stat(&m.onnx_path(manifest)));
+    }
+    files
+}
+
+/// One watched model file set.
+struct Watched {
+    role: Role,
+    manifest: PathBuf,
+    /// The files as last loaded (or refused): a change from these starts a reload.
+    loaded: Fingerprint,
+    /// The files at the previous look: a reload waits until they stop changing.
+    seen: Fingerprint,
+}
+
+/// Starts the watcher thread. `models` are (role, manifest path) of the models in service;
+/// `interval` of zero turns file watching off (SIGHUP and the endpoint still work).
+pub fn start(
+    env: &'static ort::environment::Environment,
+    models: Vec<(Role, PathBuf)>,
+    interval: Duration,
+    handle: ReloadHandle,
+    shutdown: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    for (role, _) in &models {
+        for result in ["loaded", "refused"] {
+            metrics::counter!(telemetry::MODEL_RELOADS, "model" => role.as_str(), "result" => result)
+                .increment(0);
+        }
+    }
+    let mut watched: Vec<Watched> = models
+        .into_iter()
+        .map(|(role, manifest)| {
+            let f = fingerprint(&manifest);
+            Watched {
+                role,
+                manifest,
+                loaded: f.clone(),
+                seen: f,
+            }
+        })
+        .collect();
+    std::thread::Builder::new()
+        .name("model-watch".into())
+        .spawn(move || {
+            let tick = Duration::from_millis(50);
+            let mut since_look = Duration::ZERO;
+            let mut served = 0u64;
+            while !shutdown.is_cancelled() {
+                std::thread::sleep(tick);
+                since_look += tick;
+                let requested = handle.0.requested.load(Ordering::SeqCst);
+                if requested > served {
+                    served = requested;
+                    let mut outcome = Ok(Vec::new());
+                    for w in &mut watched {
+                        let f = fingerprint(&w.manifest);
+                        w.loaded = f.clone();
+                        w.seen = f;
+                        match load(env, w, &handle) {
+                            Ok(version) => {
+                                if let Ok(v) = &mut outcome {
+                                    v.push(format!("{} model {version}", w.role.as_str()));
+                                }
+                            }
+                            Err(e) => {
+                                if outcome.is_ok() {
+                                    outcome = Err(e);
+                                }
+                            }
+                        }
+                    }
+                    if let Ok(mut s) = handle.0.served.lock() {
+                        *s = (
+                            served,
+                            Some(outcome.map(|v| format!("loaded {}", v.join(", ")))),
+                        );
+                    }
+                    continue;
+                }
+                if interval.is_zero() || since_look < interval {
+                    continue;
+                }
+                since_look = Duration::ZERO;
+                for w in &mut watched {
+                    let now = fingerprint(&w.manifest);
+                    let stable = now == w.seen;
+                    w.seen = now.clone();
+                    if stable && now != w.loaded {
+                        w.loaded = now;
+                        // Refusals are logged and counted inside.
+                        let _ = load(env, w, &handle);
+                    }
+                }
+            }
+        })
+}
+
+/// Loads and checks one model; a model that passes waits in the slot for the pipeline.
+fn load(
+    env: &'static ort::environment::Environment,
+    w: &Watched,
+    handle: &ReloadHandle,
+) -> Result<String, String> {
+    let role = w.role.as_str();
+    match Model::load(env, &w.manifest) {
+        Ok(model) => {
+            let version = model.manifest.model_version.clone();
+            tracing::info!(
+                model = role,
+                model_version = %version,
+                "New model loaded and checked; it scores from the next batch."
+            );
+            metrics::counter!(telemetry::MODEL_RELOADS, "model" => role, "result" => "loaded")
+                .increment(1);
+            handle.offer(w.role, model);
+            Ok(version)
+        }
+        Err(e) => {
+            tracing::error!(model = role, error = %e, "New model refused; the model in service keeps scoring.");
+            metrics::counter!(telemetry::MODEL_RELOADS, "model" => role, "result" => "refused")
+                .increment(1);
+            Err(format!("{role} model refused: {e}"))
+        }
+    }
+}
