@@ -158,7 +158,7 @@ pub struct ModelSettings {
 impl Default for ModelSettings {
     fn default() -> Self {
         ModelSettings {
-            manifest: PathBuf::from("models/ulb-xgb.manifest.json"),
+            manifest: PathBuf::from("models/sparkov-xgb.manifest.json"),
             onnxruntime_library: None,
             shadow: None,
             watch_interval_ms: 1000,

@@ -196,3 +196,92 @@ fn stateful_model_loads_and_other_registry_versions_are_refused() {
         "{err}"
     );
 }
+
+/// The default model (docs/fraudstream.toml) reads Sparkov-style transactions through the
+/// stateful features: online scores equal `replay` + the same model offline, and they
+/// separate the held-out frauds.
+#[tokio::test(flavor = "multi_thread")]
+async fn default_model_scores_sparkov_transactions_as_offline() {
+    let (n, partitions) = (3_000, 3);
+    let txs = sparkov_sample(n);
+    let t = topics("default-model", partitions).await;
+    let records: Vec<(String, Vec<u8>)> = txs
+        .iter()
+        .map(|tx| (tx.customer_id.clone(), tx.json.clone().into_bytes()))
+        .collect();
+    send_all(&producer(), &t.transactions, &records).await;
+    let mut scorer = Scorer::start(&t, &[("FRAUDSTREAM__MODEL__MANIFEST", "")]);
+
+    // Offline: the same lines through `fraudstream replay`, scored by the shipped model.
+    let dir = std::env::temp_dir().join(unique("default-model"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("sample.jsonl");
+    let text: String = txs.iter().map(|tx| format!("{}\n", tx.json)).collect();
+    std::fs::write(&input, text).unwrap();
+    let table = dir.join("table.csv");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_fraudstream"))
+        .current_dir(repo())
+        .args(["replay", "--quiet", "--partitions", &partitions.to_string()])
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&table)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let lib = std::env::var_os("ORT_DYLIB_PATH").expect("ORT_DYLIB_PATH (scripts/test sets it)");
+    let env = fraudstream::model::init_runtime(Some(std::path::Path::new(&lib))).unwrap();
+    let path = repo().join("models/sparkov-xgb.manifest.json");
+    let mut model = fraudstream::model::Model::load(env, &path).unwrap();
+    let mut csv = csv::Reader::from_path(&table).unwrap();
+    let header = csv.headers().unwrap().clone();
+    let columns: Vec<usize> = model
+        .features
+        .names()
+        .iter()
+        .map(|f| header.iter().position(|h| h == f).expect("feature column"))
+        .collect();
+    let (mut ids, mut rows) = (Vec::new(), Vec::new());
+    for r in csv.records() {
+        let r = r.unwrap();
+        ids.push(r[0].to_string());
+        rows.extend(columns.iter().map(|&c| r[c].parse::<f32>().unwrap()));
+    }
+    let mut offline = Vec::new();
+    model.score_rows(&rows, &mut offline).unwrap();
+    assert_eq!(offline.len(), n);
+
+    let mut reader = Reader::new(&t.verdicts);
+    let all = reader
+        .read_until_distinct_keys(Duration::from_secs(90), n)
+        .await;
+    assert!(all, "verdicts missing; log:\n{}", scorer.log_text());
+    let by_id = verdicts_by_id(&reader.messages);
+    for (id, want) in ids.iter().zip(&offline) {
+        let v = &by_id[id][0];
+        assert_eq!(v.model_version, model.manifest.model_version);
+        assert!(
+            (v.score - want).abs() < 1e-6,
+            "{id}: online {} offline {want}",
+            v.score
+        );
+        assert_eq!(v.decision, model.manifest.thresholds.decide(v.score));
+    }
+    // ROC-AUC of the online scores: the probability that a fraud outscores a legitimate one.
+    let (frauds, legit): (Vec<&SparkovTx>, Vec<&SparkovTx>) = txs.iter().partition(|t| t.label);
+    assert!(frauds.len() >= 20, "{} frauds", frauds.len());
+    let score = |t: &SparkovTx| by_id[&t.transaction_id][0].score;
+    let mut wins = 0.0;
+    for f in &frauds {
+        for l in &legit {
+            wins += match score(f).partial_cmp(&score(l)) {
+                Some(std::cmp::Ordering::Greater) => 1.0,
+                Some(std::cmp::Ordering::Equal) => 0.5,
+                _ => 0.0,
+            };
+        }
+    }
+    let auc = wins / (frauds.len() * legit.len()) as f64;
+    assert!(auc > 0.95, "ROC-AUC {auc}");
+    scorer.stop();
+}

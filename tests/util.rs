@@ -278,8 +278,13 @@ impl Scorer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));
+        // An empty value removes a setting the harness sets (back to the config file's).
         for (k, v) in extra {
-            cmd.env(k, v);
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
         }
         let child = cmd.spawn().expect("spawn fraudstream");
         Scorer {
@@ -451,6 +456,34 @@ pub fn sample_stream(
             let customer = format!("c{}", i % customers);
             let json = r.json(&format!("{prefix}{i}"), &customer, t0 + i as i64 * step_ms);
             (customer, json.into_bytes())
+        })
+        .collect()
+}
+
+/// One line of `tests/data/sparkov-sample.jsonl.gz` (Sparkov's held-out period as JSON).
+pub struct SparkovTx {
+    pub transaction_id: String,
+    pub customer_id: String,
+    pub label: bool,
+    pub json: String,
+}
+
+/// The first `n` transactions of the committed Sparkov sample, in time order.
+pub fn sparkov_sample(n: usize) -> Vec<SparkovTx> {
+    use std::io::BufRead;
+    let f = std::fs::File::open(repo().join("tests/data/sparkov-sample.jsonl.gz")).unwrap();
+    std::io::BufReader::new(flate2::read::GzDecoder::new(f))
+        .lines()
+        .take(n)
+        .map(|line| {
+            let json = line.unwrap();
+            let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+            SparkovTx {
+                transaction_id: v["transaction_id"].as_str().unwrap().to_string(),
+                customer_id: v["customer_id"].as_str().unwrap().to_string(),
+                label: v["is_fraud"] == 1,
+                json,
+            }
         })
         .collect()
 }

@@ -1,4 +1,4 @@
-"""The demo client: replays the committed ULB held-out sample as JSON transactions through a
+"""The demo client: replays the committed Sparkov held-out sample (JSON transactions) through a
 running fraudstream, reads the verdicts and dead letters back, and prints a summary.
 
 It is an ordinary Kafka client (confluent-kafka), independent of fraudstream's own code:
@@ -6,7 +6,7 @@ what it shows is what any producer and consumer of the topics would see.
 """
 
 import argparse
-import csv
+import datetime
 import gzip
 import json
 import sys
@@ -18,19 +18,29 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 
 def load_sample(path):
-    with gzip.open(path, "rt", newline="") as f:
-        rows = list(csv.DictReader(f))
-    cols = ["Time"] + [f"V{i}" for i in range(1, 29)] + ["Amount"]
+    """The sample's JSON lines, in event-time order, with their labels."""
     out = []
-    for r in rows:
-        out.append({
-            "row": r["row"],
-            "label": int(r["Class"]),
-            "amount": float(r["Amount"]),
-            # The text as committed, so the scorer parses exactly what the model was tested on.
-            "features": "[" + ",".join(r[c] for c in cols) + "]",
-        })
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            tx = json.loads(line)
+            out.append({"tx": tx, "label": int(tx.pop("is_fraud"))})
     return out
+
+
+def shifted(tx, rep, weeks):
+    """Repetition `rep` of a sample transaction: new ids (new customers and cards, so each
+    repetition is scored from the same empty history) and an event time `rep * weeks` weeks
+    later (the same hour and weekday, and never behind the state's idle horizon)."""
+    if rep == 0:
+        return tx
+    t = dict(tx)
+    t["transaction_id"] = f"{tx['transaction_id']}-r{rep}"
+    t["customer_id"] = f"{tx['customer_id']}-r{rep}"
+    t["card_id"] = f"{tx['card_id']}-r{rep}"
+    when = datetime.datetime.fromisoformat(tx["event_time"].replace("Z", "+00:00"))
+    when += datetime.timedelta(weeks=rep * weeks)
+    t["event_time"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return t
 
 
 def wait_ready(addr, timeout):
@@ -60,7 +70,7 @@ def main():
     ap.add_argument("--verdicts", required=True)
     ap.add_argument("--dead-letter", required=True)
     ap.add_argument("--sample", required=True)
-    ap.add_argument("--repeat", type=int, default=5, help="replay the sample this many times (new ids each time)")
+    ap.add_argument("--repeat", type=int, default=3, help="replay the sample this many times (new ids each time)")
     ap.add_argument("--metrics", default="", help="fraudstream's metrics address, to show a few lines")
     ap.add_argument("--rate", type=float, default=3000, help="transactions per second to offer (0 = as fast as possible)")
     ap.add_argument("--timeout", type=float, default=120)
@@ -73,7 +83,7 @@ def main():
     bad = [
         b"this is not json",
         b'{"transaction_id": "bad-1", "event_time": 0}',
-        b'{"transaction_id":"bad-2","event_time":1,"customer_id":"c","merchant_id":"m","amount":-5,"currency":"EUR","features":[1]}',
+        b'{"transaction_id":"bad-2","event_time":1,"customer_id":"c","merchant_id":"m","amount":-5,"currency":"USD"}',
     ]
 
     consumer = Consumer({
@@ -120,21 +130,21 @@ def main():
     sent_at = {}
     labels = {}
     total = len(sample) * args.repeat
-    print(f"Replaying {len(sample)} held-out ULB transactions x {args.repeat} = {total}, plus {len(bad)} malformed messages.",
+    print(f"Replaying {len(sample)} held-out Sparkov transactions x {args.repeat} = {total}, plus {len(bad)} malformed messages.",
           file=sys.stderr)
+    first = datetime.datetime.fromisoformat(sample[0]["tx"]["event_time"].replace("Z", "+00:00"))
+    last = datetime.datetime.fromisoformat(sample[-1]["tx"]["event_time"].replace("Z", "+00:00"))
+    # Whole weeks past the sample's span plus the 7-day idle horizon.
+    weeks = (last - first).days // 7 + 2
     t0 = time.time()
     reader.start()
     i = 0
     for rep in range(args.repeat):
         for r in sample:
-            tx_id = f"ulb-{r['row']}-{rep}"
+            tx = shifted(r["tx"], rep, weeks)
+            tx_id, customer = tx["transaction_id"], tx["customer_id"]
+            value = json.dumps(tx, separators=(",", ":"))
             now_ms = int(time.time() * 1000)
-            customer = f"customer-{int(r['row']) % 997}"
-            value = (
-                f'{{"transaction_id":"{tx_id}","event_time":{now_ms},"customer_id":"{customer}",'
-                f'"merchant_id":"ulb-merchant","amount":{r["amount"]},"currency":"EUR","channel":"web",'
-                f'"features":{r["features"]}}}'
-            )
             sent_at[tx_id] = now_ms
             labels[tx_id] = r["label"]
             while True:
@@ -184,11 +194,14 @@ def main():
           f"approved {caught['approve']}  -> caught {100 * (caught['decline'] + caught['review']) / max(1, frauds):.1f} %")
     flagged = decisions["decline"] + decisions["review"]
     print(f"precision of flags    {100 * (caught['decline'] + caught['review']) / max(1, flagged):.1f} % "
-          f"(the sample keeps every fraud of the held-out period: ~{100 * frauds / max(1, total):.1f} % fraud vs 0.13 % in reality)")
+          f"(the sample keeps every card with a fraud in its 21 days: {100 * frauds / max(1, total):.1f} % fraud vs 0.46 % in the period)")
     bound = "bounded by the offered rate, see --rate" if args.rate > 0 else "unthrottled"
     print(f"throughput            {len(verdicts) / elapsed:.0f} verdicts/s (first send to last verdict; {bound})")
     print(f"latency (sent->read)  p50 {percentile(latencies, 50):.0f} ms, p99 {percentile(latencies, 99):.0f} ms, "
           f"max {latencies[-1] if latencies else float('nan'):.0f} ms")
+    declined = [v for v in verdicts.values() if v["decision"] == "decline"]
+    if declined:
+        print(f"a declined verdict    {json.dumps(declined[0])}")
     print(f"dead letters          {len(dead)}: " + ", ".join(sorted(d.get('fraudstream.error.kind', '?') for d in dead)))
     if args.metrics:
         try:
