@@ -50,6 +50,8 @@ pub struct Settings {
     pub topics: Topics,
     /// Which model scores, and where ONNX Runtime is.
     pub model: ModelSettings,
+    /// Rules, the merchant enable list, reasons and the model's latency budget.
+    pub decision: DecisionSettings,
     /// How input messages are decoded and bounded.
     pub input: InputSettings,
     /// How verdicts are encoded.
@@ -75,6 +77,7 @@ impl Default for Settings {
             group_id: "fraudstream".into(),
             topics: Topics::default(),
             model: ModelSettings::default(),
+            decision: DecisionSettings::default(),
             input: InputSettings::default(),
             output: OutputSettings::default(),
             batch: BatchSettings::default(),
@@ -162,6 +165,34 @@ impl Default for ModelSettings {
             onnxruntime_library: None,
             shadow: None,
             watch_interval_ms: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct DecisionSettings {
+    /// The rules file (TOML, `src/decision/rules.rs`); unset: the model alone decides. Hot
+    /// reloaded like the model.
+    pub rules: Option<PathBuf>,
+    /// Merchants whose transactions are scored; others get a `reject` verdict without
+    /// scoring. Empty: every merchant is enabled.
+    pub enabled_merchants: Vec<String>,
+    /// How many of the features that pushed the score up most go into a verdict's reasons
+    /// (from the model's explanation trees); 0 = none.
+    pub model_reasons: usize,
+    /// A batch the model has not scored within this many milliseconds is decided by rules
+    /// alone (`degraded`); 0 = no budget.
+    pub latency_budget_ms: u64,
+}
+
+impl Default for DecisionSettings {
+    fn default() -> Self {
+        DecisionSettings {
+            rules: None,
+            enabled_merchants: Vec::new(),
+            model_reasons: 3,
+            latency_budget_ms: 0,
         }
     }
 }

@@ -7,7 +7,7 @@
 //! SIGTERM/SIGINT): stop polling, finish the batch in hand, flush the producer, commit the
 //! stored offsets synchronously, return `Ok`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,11 +18,13 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Settings, VerdictFormat};
-use crate::decision::{Decision, ShadowScore, Verdict};
+use crate::decision::rules::{self, RuleSet};
+use crate::decision::{combine, Decision, Reason, ShadowScore, Verdict};
 use crate::decode::{DecodeError, Decoder, ErrorKind, NavigationEvent, Transaction};
 use crate::features::{engine, FeatureSet};
 use crate::model::reload::{self, ReloadHandle, Role};
-use crate::model::{self, Model};
+use crate::model::runner::{Runner, Unscored};
+use crate::model::{self, Model, ModelView};
 use crate::sink::{OutRecord, Sink, Topic};
 use crate::source::global::GlobalReader;
 use crate::source::restore::Restorer;
@@ -98,7 +100,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
     let env = model::init_runtime(settings.onnxruntime_library().as_deref())?;
     let model = Model::load(env, &settings.model.manifest)?;
-    model_info(Role::Primary, &model, 1.0);
+    model_info(Role::Primary, &model.manifest, 1.0);
     tracing::info!(
         model_version = %model.manifest.model_version,
         features = model.features.len(),
@@ -107,7 +109,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let shadow = match &settings.model.shadow {
         Some(path) => {
             let shadow = Model::load(env, path)?;
-            model_info(Role::Shadow, &shadow, 1.0);
+            model_info(Role::Shadow, &shadow.manifest, 1.0);
             tracing::info!(
                 model_version = %shadow.manifest.model_version,
                 features = shadow.features.len(),
@@ -117,7 +119,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         }
         None => None,
     };
+    let rule_set = match &settings.decision.rules {
+        Some(path) => {
+            let r = RuleSet::load(path)?;
+            tracing::info!(version = %r.version, rules = r.rules.len(), "Rules loaded.");
+            r
+        }
+        None => RuleSet::empty(),
+    };
     let mut watched = vec![(Role::Primary, settings.model.manifest.clone())];
+    watched.extend(
+        settings
+            .decision
+            .rules
+            .iter()
+            .map(|p| (Role::Rules, p.clone())),
+    );
     watched.extend(
         settings
             .model
@@ -141,10 +158,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     }
     let hasher = Hasher::new(secret.as_bytes());
     let audit = if settings.output.audit_features {
-        Some(audit_set(&model)?)
+        Some(audit_set(&model.features)?)
     } else {
         None
     };
+    let view = model.view();
+    let budget = settings.decision.latency_budget_ms;
+    let runner = Runner::start(model, (budget > 0).then(|| Duration::from_millis(budget)))
+        .context("cannot start the model thread")?;
+    let enabled = &settings.decision.enabled_merchants;
     let sink = Sink::new(&settings)?;
     let (consumer, changes) = source::consumer(&settings, readiness.clone())?;
     let topics = &settings.topics;
@@ -213,9 +235,18 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
     let mut worker = Worker {
         decoder,
-        model,
+        model: view,
+        runner,
+        unscored_since: None,
         shadow,
         reloads,
+        rules: rule_set,
+        rule_rows: Vec::new(),
+        fired: Vec::new(),
+        contributions: Vec::new(),
+        model_reasons: settings.decision.model_reasons,
+        enabled: (!enabled.is_empty()).then(|| enabled.iter().cloned().collect()),
+        rejected: Vec::new(),
         store,
         hasher,
         audit,
@@ -235,6 +266,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         ready: Vec::new(),
         rows: Vec::new(),
         audit_rows: Vec::new(),
+        degraded_reason: None,
         shadow_rows: Vec::new(),
         shadow_ok: Vec::new(),
         shadow_scores: Vec::new(),
@@ -243,7 +275,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         records: Vec::new(),
         markers: Vec::new(),
         repair: Vec::new(),
-        scores: Vec::new(),
         decisions: Vec::new(),
     };
     let result = consume_loop(&settings, &consumer, &sink, &mut worker, &shutdown).await;
@@ -420,7 +451,24 @@ struct Task {
 /// The per-batch work, with buffers reused across batches.
 struct Worker {
     decoder: Decoder,
-    model: Model,
+    /// The primary model in service (its session is on the runner's thread).
+    model: ModelView,
+    runner: Runner,
+    /// Since when batches have been decided without the model (logged at the transitions).
+    unscored_since: Option<Instant>,
+    rules: RuleSet,
+    /// One row of `rules.features` per transaction of the partition being processed.
+    rule_rows: Vec<f32>,
+    /// The actions of the rules that fired for one transaction (reused).
+    fired: Vec<Decision>,
+    /// Per-feature contributions of one transaction (reused).
+    contributions: Vec<f64>,
+    /// How many features go into a verdict's reasons.
+    model_reasons: usize,
+    /// Merchants that are scored; `None`: all.
+    enabled: Option<HashSet<String>>,
+    /// Per transaction of the partition being processed: merchant not enabled.
+    rejected: Vec<bool>,
     /// The challenger (`model.shadow`): scores, never decides.
     shadow: Option<Model>,
     /// Where the model watcher leaves newly checked models.
@@ -459,6 +507,8 @@ struct Worker {
     ready: Vec<Pending>,
     rows: Vec<f32>,
     audit_rows: Vec<f32>,
+    /// The reason put on verdicts of the batch the model could not score.
+    degraded_reason: Option<Reason>,
     shadow_rows: Vec<f32>,
     /// Per transaction of `shadow_rows`: whether it carries what the shadow reads (a
     /// passthrough shadow cannot score a transaction without its vector; it is left out).
@@ -473,7 +523,6 @@ struct Worker {
     /// Entities whose changelog value may be ahead of the restored state: re-written by
     /// the next batch.
     repair: Vec<(EntityKind, Key)>,
-    scores: Vec<f32>,
     /// (decision, event time) of each verdict in `records`, counted once acknowledged.
     decisions: Vec<(Decision, i64)>,
 }
@@ -778,8 +827,8 @@ impl Worker {
         for rec in &ready {
             let p = rec.msg.partition();
             if current != Some(p) {
-                if let Some(cp) = current {
-                    self.score_partition(cp, &txs, scored_at)?;
+                if current.is_some() {
+                    self.score_partition(&txs, &tables, scored_at);
                 }
                 txs.clear();
                 current = Some(p);
@@ -831,8 +880,8 @@ impl Worker {
                 }
             }
         }
-        if let Some(cp) = current {
-            self.score_partition(cp, &txs, scored_at)?;
+        if current.is_some() {
+            self.score_partition(&txs, &tables, scored_at);
         }
         drop(txs);
         drop(tables);
@@ -892,50 +941,132 @@ impl Worker {
         Ok(())
     }
 
-    /// Scores the rows collected for one partition's transactions and encodes their verdicts.
-    fn score_partition(
-        &mut self,
-        _partition: i32,
-        txs: &[&Transaction],
-        scored_at: i64,
-    ) -> anyhow::Result<()> {
+    /// Scores the rows collected for one partition's transactions, decides each with the
+    /// rules, and encodes their verdicts. Never fails: without the model, rules decide.
+    fn score_partition(&mut self, txs: &[&Transaction], tables: &GlobalTables, scored_at: i64) {
         if txs.is_empty() {
-            return Ok(());
+            return;
         }
+        let scored = self.rejected.iter().filter(|r| !**r).count();
         let t = Instant::now();
-        self.model.score_rows(&self.rows, &mut self.scores)?;
+        let outcome = if scored == 0 {
+            Ok(Vec::new())
+        } else {
+            match self.runner.score(std::mem::take(&mut self.rows)) {
+                Ok((rows, scores)) => {
+                    self.rows = rows;
+                    Ok(scores)
+                }
+                Err(u) => Err(u),
+            }
+        };
         metrics::histogram!(telemetry::SCORING_DURATION).record(t.elapsed().as_secs_f64());
-        metrics::histogram!(telemetry::SCORING_BATCH_ROWS).record(txs.len() as f64);
+        metrics::histogram!(telemetry::SCORING_BATCH_ROWS).record(scored as f64);
+        let scores = match outcome {
+            Ok(scores) => {
+                if let Some(since) = self.unscored_since.take() {
+                    tracing::info!(
+                        after_seconds = since.elapsed().as_secs_f64(),
+                        "The model scores again."
+                    );
+                }
+                Some(scores)
+            }
+            Err(Unscored { cause, message }) => {
+                if self.unscored_since.is_none() {
+                    self.unscored_since = Some(Instant::now());
+                    tracing::warn!(cause = cause.as_str(), error = %message, "The model cannot score; deciding by rules alone (degraded).");
+                }
+                metrics::counter!(telemetry::DEGRADED, "cause" => cause.as_str())
+                    .increment(scored as u64);
+                self.degraded_reason = Some(Reason {
+                    code: "model-unavailable".into(),
+                    text: format!("The model could not score ({message}); decided by rules alone."),
+                });
+                None
+            }
+        };
         let shadow = match &mut self.shadow {
-            Some(m) => match m.score_rows(&self.shadow_rows, &mut self.shadow_scores) {
+            Some(m) if scored > 0 => match m.score_rows(&self.shadow_rows, &mut self.shadow_scores)
+            {
                 Ok(()) => Some(&m.manifest),
                 Err(e) => {
                     tracing::warn!(error = %e, model_version = %m.manifest.model_version, "Shadow model failed; verdicts go out without its score.");
-                    metrics::counter!(telemetry::SHADOW_ERRORS).increment(txs.len() as u64);
+                    metrics::counter!(telemetry::SHADOW_ERRORS).increment(scored as u64);
                     None
                 }
             },
-            None => None,
+            _ => None,
         };
         let manifest = &self.model.manifest;
-        for (i, (tx, &score)) in txs.iter().zip(&self.scores).enumerate() {
-            let mut verdict = Verdict::new(
-                tx,
-                score,
-                &manifest.thresholds,
-                &manifest.model_version,
-                scored_at,
-            );
-            if let Some(s) = shadow {
-                if self.shadow_ok[i] {
-                    let score = self.shadow_scores[i];
-                    verdict.shadow = Some(ShadowScore {
-                        model_version: s.model_version.clone(),
-                        score,
-                        decision: s.thresholds.decide(score),
+        let width = self.model.features.len();
+        let rule_width = self.rules.features.len();
+        // Row `j` of the model's rows: transactions of enabled merchants, in order.
+        let mut j = 0;
+        for (i, tx) in txs.iter().enumerate() {
+            let mut verdict = if self.rejected[i] {
+                Verdict::rejected(tx, scored_at)
+            } else {
+                let inputs = rules::Inputs {
+                    tx,
+                    features: &self.rule_rows[i * rule_width..(i + 1) * rule_width],
+                };
+                let mut reasons = Vec::new();
+                self.fired.clear();
+                for rule in self.rules.fired(&inputs) {
+                    self.fired.push(rule.action);
+                    metrics::counter!(telemetry::RULE_HITS, "rule" => rule.code.clone())
+                        .increment(1);
+                    reasons.push(Reason {
+                        code: rule.code.clone(),
+                        text: rule
+                            .render(&inputs, |e| blocklist_entry(&self.hasher, tables, tx, e)),
                     });
                 }
-            }
+                let score = scores.as_ref().map(|s| s[j]);
+                let decision = combine(
+                    score.map(|s| manifest.thresholds.decide(s)),
+                    &self.fired,
+                    self.rules.on_model_failure,
+                );
+                match (score, &self.model.explainer) {
+                    (None, _) => reasons.extend(self.degraded_reason.clone()),
+                    (Some(_), Some(ex)) if self.model_reasons > 0 => {
+                        self.contributions.resize(width, 0.0);
+                        let row = &self.rows[j * width..(j + 1) * width];
+                        ex.contributions(row, &mut self.contributions);
+                        reasons.extend(top_contributions(
+                            &self.contributions,
+                            row,
+                            self.model.features.names(),
+                            self.model_reasons,
+                        ));
+                    }
+                    _ => {}
+                }
+                let mut v = Verdict::new(
+                    tx,
+                    score.unwrap_or(-1.0),
+                    &manifest.thresholds,
+                    &manifest.model_version,
+                    scored_at,
+                );
+                v.decision = decision;
+                v.degraded = score.is_none();
+                v.reasons = reasons;
+                if let Some(s) = shadow {
+                    if self.shadow_ok[j] {
+                        let score = self.shadow_scores[j];
+                        v.shadow = Some(ShadowScore {
+                            model_version: s.model_version.clone(),
+                            score,
+                            decision: s.thresholds.decide(score),
+                        });
+                    }
+                }
+                j += 1;
+                v
+            };
             if let Some(audit) = &self.audit {
                 let row = &self.audit_rows[i * audit.len()..(i + 1) * audit.len()];
                 verdict.features = Some(
@@ -963,9 +1094,10 @@ impl Worker {
         }
         self.rows.clear();
         self.audit_rows.clear();
+        self.rule_rows.clear();
+        self.rejected.clear();
         self.shadow_rows.clear();
         self.shadow_ok.clear();
-        Ok(())
     }
 
     fn apply_navigation(&mut self, partition: i32, n: &NavigationEvent) -> anyhow::Result<()> {
@@ -984,16 +1116,26 @@ impl Worker {
         tables: &GlobalTables,
     ) -> anyhow::Result<()> {
         self.store.advance_watermark(tx.event_time_ms);
-        let mut rows: Vec<(&FeatureSet, &mut Vec<f32>)> =
-            vec![(&self.model.features, &mut self.rows)];
+        let rejected = self
+            .enabled
+            .as_ref()
+            .is_some_and(|e| !e.contains(&tx.merchant_id));
+        self.rejected.push(rejected);
+        let mut rows: Vec<(&FeatureSet, &mut Vec<f32>)> = Vec::with_capacity(4);
+        if !rejected {
+            rows.push((&self.model.features, &mut self.rows));
+            if let Some(shadow) = &self.shadow {
+                self.shadow_ok
+                    .push(shadow.features.requirements().check(tx).is_ok());
+                rows.push((&shadow.features, &mut self.shadow_rows));
+            }
+        }
         if let Some(audit) = &self.audit {
             rows.push((audit, &mut self.audit_rows));
         }
-        if let Some(shadow) = &self.shadow {
-            self.shadow_ok
-                .push(shadow.features.requirements().check(tx).is_ok());
-            rows.push((&shadow.features, &mut self.shadow_rows));
-        }
+        rows.push((&self.rules.features, &mut self.rule_rows));
+        // A transaction of a merchant not enabled still updates state (replay computes the
+        // same features) but is not scored.
         engine::transaction(
             partition,
             tx,
@@ -1012,13 +1154,14 @@ impl Worker {
             return Ok(());
         };
         if let Some(model) = new.primary {
-            let old = std::mem::replace(&mut self.model, model);
-            model_info(Role::Primary, &old, 0.0);
-            model_info(Role::Primary, &self.model, 1.0);
+            let old = std::mem::replace(&mut self.model, model.view());
+            self.runner.swap(model);
+            model_info(Role::Primary, &old.manifest, 0.0);
+            model_info(Role::Primary, &self.model.manifest, 1.0);
             self.decoder
                 .set_requirements(self.model.features.requirements());
             if self.audit.is_some() {
-                self.audit = Some(audit_set(&self.model)?);
+                self.audit = Some(audit_set(&self.model.features)?);
             }
             tracing::info!(
                 from = %old.manifest.model_version,
@@ -1026,12 +1169,16 @@ impl Worker {
                 "Model swapped in."
             );
         }
+        if let Some(rules) = new.rules {
+            tracing::info!(from = %self.rules.version, to = %rules.version, "Rules swapped in.");
+            self.rules = rules;
+        }
         if let Some(model) = new.shadow {
             if let Some(old) = self.shadow.replace(model) {
-                model_info(Role::Shadow, &old, 0.0);
+                model_info(Role::Shadow, &old.manifest, 0.0);
             }
             if let Some(shadow) = &self.shadow {
-                model_info(Role::Shadow, shadow, 1.0);
+                model_info(Role::Shadow, &shadow.manifest, 1.0);
                 tracing::info!(to = %shadow.manifest.model_version, "Shadow model swapped in.");
             }
         }
@@ -1051,7 +1198,7 @@ impl Worker {
 
     /// Counts the acknowledged verdicts and records their end-to-end latency.
     fn record_delivered(&self, acked_ms: i64) {
-        let mut counts = [0u64; 3];
+        let mut counts = [0u64; Decision::ALL.len()];
         let latency = metrics::histogram!(telemetry::END_TO_END_LATENCY);
         for (decision, event_time) in &self.decisions {
             counts[*decision as usize] += 1;
@@ -1066,14 +1213,52 @@ impl Worker {
 }
 
 /// Sets the info metric of a model: 1 in service, 0 replaced.
-fn model_info(role: Role, model: &Model, value: f64) {
-    metrics::gauge!(telemetry::MODEL_INFO, "model" => role.as_str(), "model_version" => model.manifest.model_version.clone())
+fn model_info(role: Role, manifest: &model::Manifest, value: f64) {
+    metrics::gauge!(telemetry::MODEL_INFO, "model" => role.as_str(), "model_version" => manifest.model_version.clone())
         .set(value);
 }
 
+/// `{blocklist.<entity>}` in a rule's text: the entry that matched, as its reference and reason.
+fn blocklist_entry(
+    hasher: &Hasher,
+    tables: &GlobalTables,
+    tx: &Transaction,
+    entity: crate::features::Entity,
+) -> Option<String> {
+    let id = engine::entity_id(tx, entity)?;
+    let hash = crate::state::global::hash(hasher, entity, id);
+    let reason = tables.block_reason(entity, hash, tx.event_time_ms)?;
+    Some(format!("blocklist entry {}:{id}, {reason}", entity.name()))
+}
+
+/// The `k` features with the largest positive contributions, as reasons.
+fn top_contributions(
+    contributions: &[f64],
+    row: &[f32],
+    names: &[String],
+    k: usize,
+) -> Vec<Reason> {
+    let mut top: Vec<usize> = (0..contributions.len())
+        .filter(|&i| contributions[i] > 0.0)
+        .collect();
+    top.sort_by(|&a, &b| contributions[b].total_cmp(&contributions[a]));
+    top.truncate(k);
+    top.into_iter()
+        .map(|i| Reason {
+            code: format!("feature:{}", names[i]),
+            text: format!(
+                "{} = {} raised the score (+{:.2} log-odds)",
+                crate::features::describe(&names[i]),
+                rules::format_number(f64::from(row[i])),
+                contributions[i]
+            ),
+        })
+        .collect()
+}
+
 /// With `output.audit-features`: the model's features, then every other named one.
-fn audit_set(model: &Model) -> anyhow::Result<FeatureSet> {
-    let mut names = model.features.names().to_vec();
+fn audit_set(features: &FeatureSet) -> anyhow::Result<FeatureSet> {
+    let mut names = features.names().to_vec();
     for n in FeatureSet::all_named().names() {
         if !names.contains(n) {
             names.push(n.clone());

@@ -1,6 +1,7 @@
 //! `fraudstream validate`: the checks to run before a deploy. Everything `run` would refuse
 //! at start, plus what it would only discover later, reported as one list instead of the
-//! first error: the model against the feature registry, the Avro schemas, broker
+//! first error: the model (and shadow) against the feature registry, the rules file, the
+//! Avro schemas, broker
 //! reachability, the topics and their partition counts (navigation must be co-partitioned
 //! with transactions).
 
@@ -9,6 +10,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::config::Settings;
+use crate::decision::rules::RuleSet;
 use crate::decode::Decoder;
 use crate::features::REGISTRY_VERSION;
 use crate::model::{self, Model};
@@ -61,6 +63,30 @@ fn problem(message: String) -> Finding {
 /// Runs every check; `metadata_timeout` bounds the wait for the brokers.
 pub fn validate(settings: &Settings, metadata_timeout: Duration) -> Vec<Finding> {
     let mut out = Vec::new();
+    if let Some(path) = &settings.decision.rules {
+        match RuleSet::load(path) {
+            Ok(r) => out.push(ok(format!(
+                "rules {} ({}): {} rule(s) checked, reading {} feature(s)",
+                r.version,
+                path.display(),
+                r.rules.len(),
+                r.features.len()
+            ))),
+            Err(e) => out.push(problem(e.to_string())),
+        }
+    }
+    if let Some(path) = &settings.model.shadow {
+        match model::init_runtime(settings.onnxruntime_library().as_deref())
+            .and_then(|env| Model::load(env, path))
+        {
+            Ok(m) => out.push(ok(format!(
+                "shadow model {} ({})",
+                m.manifest.model_version,
+                path.display()
+            ))),
+            Err(e) => out.push(problem(format!("shadow model: {e}"))),
+        }
+    }
     let loaded = model::init_runtime(settings.onnxruntime_library().as_deref())
         .and_then(|env| Model::load(env, &settings.model.manifest));
     match loaded {

@@ -51,11 +51,21 @@ async fn models_swapped_under_load_score_every_transaction_once() {
     }
     write_manifest(&dir, "ulb-a", Path::new("a.onnx"), |_| {});
     let manifest = dir.join("model.json");
+    let rules = dir.join("rules.toml");
+    let write_rules = |when: &str| {
+        let text = format!(
+            "version = \"v\"\n[[rule]]\ncode = \"everything\"\nwhen = \"{when}\"\naction = \"decline\"\ntext = \"all\"\n"
+        );
+        std::fs::write(dir.join(".rules.tmp"), text).unwrap();
+        std::fs::rename(dir.join(".rules.tmp"), &rules).unwrap();
+    };
+    write_rules("false");
     let mut scorer = Scorer::start(
         &t,
         &[
             ("FRAUDSTREAM__MODEL__MANIFEST", manifest.to_str().unwrap()),
             ("FRAUDSTREAM__MODEL__WATCH_INTERVAL_MS", "100"),
+            ("FRAUDSTREAM__DECISION__RULES", rules.to_str().unwrap()),
         ],
     );
     scorer.wait_ready(Duration::from_secs(60)).await;
@@ -87,8 +97,9 @@ async fn models_swapped_under_load_score_every_transaction_once() {
     assert!(body.contains("cannot load ONNX model"), "{body}");
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // Files replaced: the watcher loads them.
+    // Files replaced: the watcher loads them (the rules too).
     write_manifest(&dir, "ulb-b", Path::new("b.onnx"), |_| {});
+    write_rules("amount >= 0");
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // SIGHUP (which would otherwise end the process) reloads too.
     write_manifest(&dir, "ulb-c", Path::new("c.onnx"), |_| {});
@@ -115,8 +126,15 @@ async fn models_swapped_under_load_score_every_transaction_once() {
         .unwrap()
         .thresholds;
     let mut spans: BTreeMap<String, (i64, i64, usize)> = BTreeMap::new();
+    let (mut before_rule, mut after_rule) = (i64::MIN, i64::MAX);
     for v in by_id.values().map(|v| &v[0]) {
-        assert_eq!(v.decision, thresholds.decide(v.score));
+        if v.reasons.iter().any(|r| r.code == "everything") {
+            assert_eq!(v.decision, Decision::Decline);
+            after_rule = after_rule.min(v.scored_at);
+        } else {
+            assert_eq!(v.decision, thresholds.decide(v.score));
+            before_rule = before_rule.max(v.scored_at);
+        }
         let s = spans
             .entry(v.model_version.clone())
             .or_insert((i64::MAX, i64::MIN, 0));
@@ -130,14 +148,18 @@ async fn models_swapped_under_load_score_every_transaction_once() {
         spans["ulb-a"].1 <= spans["ulb-b"].0 && spans["ulb-b"].1 <= spans["ulb-c"].0,
         "models overlap in time: {spans:?}"
     );
-    assert!(log.contains("New model refused"), "{log}");
+    assert!(
+        before_rule > i64::MIN && after_rule < i64::MAX && before_rule <= after_rule,
+        "the new rules apply from one batch on: {before_rule} {after_rule}"
+    );
+    assert!(log.contains("Reload refused"), "{log}");
     assert!(log.contains("SIGHUP"), "{log}");
     assert!(scorer.running(), "SIGHUP must not end the process");
 
     let (_, body) = scorer.http_get("/metrics").await;
     let refused = metric(
         &body,
-        r#"fraudstream_model_reloads_total{model="primary",result="refused"}"#,
+        r#"fraudstream_reloads_total{target="primary",result="refused"}"#,
     );
     assert!(refused.is_some_and(|r| r >= 2.0), "{body}");
     assert_eq!(

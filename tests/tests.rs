@@ -5,6 +5,7 @@ mod util;
 
 mod config_errors;
 mod dead_letter;
+mod decision;
 mod operations;
 mod parity;
 mod reload;

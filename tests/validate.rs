@@ -38,6 +38,7 @@ async fn a_good_deployment_passes() {
     ]);
     assert!(ok, "{out}");
     assert!(out.contains("No problems."), "{out}");
+    assert!(out.contains("rules rules-2026-11-22"), "{out}");
     assert!(out.contains("co-partitioned with transactions"), "{out}");
     assert!(!out.contains("problem "), "{out}");
 }
@@ -50,6 +51,12 @@ async fn every_problem_is_listed() {
     let missing = unique("validate-missing");
 
     let bad_manifest = manifest_with_feature(0, "customer_velocity_1m");
+    let bad_rules = std::env::temp_dir().join(unique("rules.toml"));
+    std::fs::write(
+        &bad_rules,
+        "version = \"x\"\n[[rule]]\ncode = \"big\"\nwhen = \"amount >\"\naction = \"decline\"\ntext = \"t\"\n",
+    )
+    .unwrap();
 
     let (ok, out) = validate(&[
         ("FRAUDSTREAM__TOPICS__TRANSACTIONS", &t.transactions),
@@ -60,6 +67,7 @@ async fn every_problem_is_listed() {
             "FRAUDSTREAM__MODEL__MANIFEST",
             bad_manifest.to_str().unwrap(),
         ),
+        ("FRAUDSTREAM__DECISION__RULES", bad_rules.to_str().unwrap()),
     ]);
     assert!(!ok, "{out}");
     assert!(
@@ -74,7 +82,8 @@ async fn every_problem_is_listed() {
         out.contains("2 partitions, but transactions has 3"),
         "{out}"
     );
-    assert!(out.contains("3 problem(s)."), "{out}");
+    assert!(out.contains("rule `big`: `when`"), "{out}");
+    assert!(out.contains("4 problem(s)."), "{out}");
 
     let (ok, out) = validate(&[("FRAUDSTREAM__BROKERS", "127.0.0.1:1")]);
     assert!(!ok);

@@ -1,8 +1,10 @@
-//! Score + thresholds → [`Verdict`], and the verdict's JSON and Avro encodings. Pure.
+//! Score, thresholds and rules → [`Verdict`], and the verdict's JSON and Avro encodings. Pure.
 //!
-//! For now the decision is the model's thresholds alone: `decline` at or above the decline
-//! threshold, `review` at or above the review threshold, `approve` below. Rules, reasons and
-//! degraded mode build on this.
+//! The model's thresholds give `decline` at or above the decline threshold, `review` at or
+//! above the review threshold, `approve` below; [`combine`] joins that with the rules that
+//! fired ([`rules`]) into one decision.
+
+pub mod rules;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -11,32 +13,62 @@ use serde::{Deserialize, Serialize};
 
 use crate::decode::{verdict_schema, Transaction};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Ordered by severity: approve < review < decline < reject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Decision {
     Approve,
     Review,
     Decline,
+    /// The merchant is not enabled: refused without scoring.
+    Reject,
 }
 
 impl Decision {
-    pub const ALL: [Decision; 3] = [Decision::Approve, Decision::Review, Decision::Decline];
+    pub const ALL: [Decision; 4] = [
+        Decision::Approve,
+        Decision::Review,
+        Decision::Decline,
+        Decision::Reject,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Decision::Approve => "approve",
             Decision::Review => "review",
             Decision::Decline => "decline",
+            Decision::Reject => "reject",
         }
     }
 
     fn avro_index(self) -> u32 {
-        match self {
-            Decision::Approve => 0,
-            Decision::Review => 1,
-            Decision::Decline => 2,
+        self as u32
+    }
+}
+
+/// One decision from the model's and the rules'.
+///
+/// Precedence: a transaction of a merchant that is not enabled is rejected before any of
+/// this. Then, if the highest-priority rule that fired says `approve`, the transaction is
+/// approved (an explicit allow overrides the model and lower rules). Otherwise the decision
+/// is the most severe of the model's (by its thresholds) and of every `review` or `decline`
+/// rule that fired. When the model could not score (`model` is `None`), `on_model_failure`
+/// stands in for it.
+pub fn combine(
+    model: Option<Decision>,
+    fired: &[Decision],
+    on_model_failure: Decision,
+) -> Decision {
+    if fired.first() == Some(&Decision::Approve) {
+        return Decision::Approve;
+    }
+    let mut d = model.unwrap_or(on_model_failure);
+    for &a in fired {
+        if a != Decision::Approve && a > d {
+            d = a;
         }
     }
+    d
 }
 
 /// Score thresholds from the model manifest.
@@ -131,6 +163,30 @@ impl Verdict {
             scored_at,
             degraded: false,
             reasons: Vec::new(),
+            features: None,
+            shadow: None,
+        }
+    }
+
+    /// The verdict on a transaction of a merchant that is not enabled: refused unscored
+    /// (score -1, no model version).
+    pub fn rejected(tx: &Transaction, scored_at: i64) -> Verdict {
+        Verdict {
+            transaction_id: tx.transaction_id.clone(),
+            customer_id: tx.customer_id.clone(),
+            score: -1.0,
+            decision: Decision::Reject,
+            model_version: String::new(),
+            event_time: tx.event_time_ms,
+            scored_at,
+            degraded: false,
+            reasons: vec![Reason {
+                code: "merchant-not-enabled".into(),
+                text: format!(
+                    "Merchant {} is not enabled for scoring (decision.enabled-merchants).",
+                    tx.merchant_id
+                ),
+            }],
             features: None,
             shadow: None,
         }
@@ -320,6 +376,31 @@ mod tests {
         assert_eq!(T.decide(0.79), Decision::Review);
         assert_eq!(T.decide(0.8), Decision::Decline);
         assert_eq!(T.decide(1.0), Decision::Decline);
+    }
+
+    #[test]
+    fn precedence_of_rules_and_model() {
+        use Decision::*;
+        // No rule: the model decides; without the model, the fallback.
+        assert_eq!(combine(Some(Review), &[], Approve), Review);
+        assert_eq!(combine(None, &[], Review), Review);
+        // Review and decline rules only make a decision more severe.
+        assert_eq!(combine(Some(Decline), &[Review], Approve), Decline);
+        assert_eq!(combine(Some(Approve), &[Review], Approve), Review);
+        assert_eq!(combine(Some(Review), &[Review, Decline], Approve), Decline);
+        // An approve rule wins only from the top.
+        assert_eq!(
+            combine(Some(Decline), &[Approve, Decline], Approve),
+            Approve
+        );
+        assert_eq!(
+            combine(Some(Approve), &[Decline, Approve], Approve),
+            Decline
+        );
+        assert_eq!(combine(Some(Review), &[Review, Approve], Approve), Review);
+        // Degraded: rules alone, the fallback below them.
+        assert_eq!(combine(None, &[Decline], Approve), Decline);
+        assert_eq!(combine(None, &[Approve], Review), Approve);
     }
 
     #[test]

@@ -96,16 +96,8 @@ pub fn transaction(
         GlobalHits::default()
     } else {
         let mut e: EntityHashes = [None; 6];
-        e[Entity::Customer.index()] = Some(u64::from_le_bytes(
-            customer_hash[..8].try_into().expect("8"),
-        ));
-        e[Entity::Card.index()] = ids.card;
-        e[Entity::Device.index()] = ids.device;
-        e[Entity::Ip.index()] = ids.ip;
-        if let Some(email) = &tx.email {
-            e[Entity::Email.index()] = Some(global::hash(h, Entity::Email, email));
-            e[Entity::EmailDomain.index()] =
-                global::email_domain(email).map(|d| global::hash(h, Entity::EmailDomain, d));
+        for entity in Entity::ALL {
+            e[entity.index()] = entity_hash(h, tx, entity);
         }
         tables.hits(&e, t)
     };
@@ -140,4 +132,21 @@ pub fn transaction(
     }
     features::apply(tx, &ids, customer, merchant);
     Ok(())
+}
+
+/// A transaction's identifier of `entity` (the e-mail's domain for `EmailDomain`).
+pub fn entity_id(tx: &Transaction, entity: Entity) -> Option<&str> {
+    match entity {
+        Entity::Customer => Some(&tx.customer_id),
+        Entity::Card => tx.card_id.as_deref(),
+        Entity::Email => tx.email.as_deref(),
+        Entity::EmailDomain => tx.email.as_deref().and_then(global::email_domain),
+        Entity::Device => tx.device_id.as_deref(),
+        Entity::Ip => tx.ip.as_deref(),
+    }
+}
+
+/// The keyed hash under which the global tables know a transaction's `entity`.
+pub fn entity_hash(h: &Hasher, tx: &Transaction, entity: Entity) -> Option<u64> {
+    entity_id(tx, entity).map(|id| global::hash(h, entity, id))
 }

@@ -296,6 +296,59 @@ impl FeatureSet {
     }
 }
 
+/// A feature's name for people, as in a verdict's reasons.
+pub fn describe(name: &str) -> String {
+    let entity = |e: &str| {
+        e.replace("email_domain", "e-mail domain")
+            .replace("email", "e-mail")
+            .replace("ip", "IP address")
+    };
+    for (prefix, what) in [
+        ("customer_tx_count_", "Customer's transactions in the last "),
+        ("customer_amount_sum_", "Customer's spend in the last "),
+    ] {
+        if let Some(w) = name.strip_prefix(prefix) {
+            return format!("{what}{w}");
+        }
+    }
+    if let Some(e) = name.strip_suffix("_fraud_labels") {
+        return format!("Confirmed frauds on this {}", entity(e));
+    }
+    if let Some(e) = name.strip_suffix("_blocklisted") {
+        return format!("This {} is on the blocklist", entity(e));
+    }
+    let known = match name {
+        "amount" => "Amount",
+        "log_amount" => "Amount (log)",
+        "hour_of_day" => "Hour of day (UTC)",
+        "day_of_week" => "Day of week",
+        "customer_age_years" => "Customer's age (years)",
+        "log_city_pop" => "Population of the customer's city (log)",
+        "home_merchant_distance_km" => "Distance from the customer's home to the merchant (km)",
+        "customer_tx_total" => "Customer's transactions so far",
+        "seconds_since_last_tx" => "Seconds since the customer's previous transaction",
+        "amount_vs_customer_mean" => "Amount relative to the customer's mean",
+        "amount_customer_zscore" => "Amount against the customer's usual (standard deviations)",
+        "new_card" => "Card new for this customer",
+        "new_device" => "Device new for this customer",
+        "new_ip" => "IP address new for this customer",
+        "customer_hour_share" => "Share of the customer's transactions at this hour",
+        "merchant_amount_zscore" => "Amount against the merchant's usual (standard deviations)",
+        "merchant_tx_total" => "Merchant's transactions so far",
+        "session_events" => "Events in the session",
+        "session_page_views" => "Page views in the session",
+        "session_product_views" => "Product views in the session",
+        "session_cart_adds" => "Cart additions in the session",
+        "session_failed_logins" => "Failed logins in the session",
+        "session_age_seconds" => "Session age (seconds)",
+        "session_device_switches" => "Device changes in the session",
+        "session_ip_switches" => "IP address changes in the session",
+        "session_same_device" => "Payment from the session's device",
+        other => return other.to_string(),
+    };
+    known.to_string()
+}
+
 const NONE: f64 = -1.0;
 
 fn value(f: Feature, tx: &Transaction, ctx: &Context<'_>) -> f64 {

@@ -5,7 +5,9 @@
 //! model that would read the wrong columns never starts. `Session::run` needs `&mut self`,
 //! so each scoring worker owns its own [`Model`]. [`reload`] swaps in a new one while running.
 
+pub mod explain;
 pub mod reload;
+pub mod runner;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -56,6 +58,12 @@ pub struct Manifest {
     pub output_column: usize,
     /// Ordered feature names, as in the registry.
     pub features: Vec<String>,
+    /// Trees of the ONNX model with node values (`scripts/py/export_trees.py`), relative to
+    /// the manifest's folder: per-transaction contributions for the verdict's reasons.
+    #[serde(default)]
+    pub explain: Option<PathBuf>,
+    #[serde(default)]
+    pub explain_sha256: Option<String>,
     /// The feature registry version the training table was computed with; required when
     /// the model reads any named (stateful or derived) feature.
     #[serde(default)]
@@ -84,6 +92,24 @@ impl Manifest {
     }
 }
 
+/// `Err` when `want` is given and is not the SHA-256 of `bytes`.
+fn check_sha256(path: &Path, bytes: &[u8], want: Option<&str>) -> Result<(), String> {
+    use sha2::Digest;
+    let Some(want) = want else { return Ok(()) };
+    let got: String = sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if got.eq_ignore_ascii_case(want) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} has SHA-256 {got}, the manifest expects {want} (a half-copied model, or the manifest of another one)",
+            path.display()
+        ))
+    }
+}
+
 /// Loads the ONNX Runtime shared library once per process.
 pub fn init_runtime(
     library: Option<&Path>,
@@ -109,10 +135,20 @@ pub fn init_runtime(
     Ok(ENV.get_or_init(|| env))
 }
 
+/// A model without its session: what the pipeline reads while [`runner`] scores.
+#[derive(Debug, Clone)]
+pub struct ModelView {
+    pub manifest: Manifest,
+    pub features: FeatureSet,
+    pub explainer: Option<explain::Explainer>,
+}
+
 /// A loaded, checked model with its own ONNX Runtime session.
 pub struct Model {
     pub manifest: Manifest,
     pub features: FeatureSet,
+    /// With `explain` in the manifest: the same trees, evaluated natively for contributions.
+    pub explainer: Option<explain::Explainer>,
     session: Session,
     /// Reused input buffer: one row per transaction, `features.len()` columns.
     rows: Vec<f32>,
@@ -155,19 +191,7 @@ impl Model {
         };
         let e = |e: &dyn std::fmt::Display| onnx_err(e.to_string());
         let bytes = std::fs::read(&onnx_path).map_err(|x| e(&x))?;
-        if let Some(want) = &manifest.onnx_sha256 {
-            use sha2::Digest;
-            let got = sha2::Sha256::digest(&bytes)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>();
-            if !got.eq_ignore_ascii_case(want) {
-                return Err(mismatch(format!(
-                    "the ONNX file {} has SHA-256 {got}, the manifest expects {want} (a half-copied model, or the manifest of another one)",
-                    onnx_path.display()
-                )));
-            }
-        }
+        check_sha256(&onnx_path, &bytes, manifest.onnx_sha256.as_deref()).map_err(mismatch)?;
         let session = Session::builder(env)
             .map_err(|x| e(&x))?
             .with_optimization_level(GraphOptimizationLevel::Level3)
@@ -219,12 +243,51 @@ impl Model {
                 manifest.output
             )));
         }
-        Ok(Model {
+        let explainer = match &manifest.explain {
+            Some(file) => {
+                let path = manifest_path.parent().unwrap_or(Path::new(".")).join(file);
+                let text = std::fs::read(&path)
+                    .map_err(|x| mismatch(format!("{}: {x}", path.display())))?;
+                check_sha256(&path, &text, manifest.explain_sha256.as_deref()).map_err(mismatch)?;
+                let ex = explain::Explainer::parse(&text, &manifest.features)
+                    .map_err(|x| mismatch(format!("{}: {x}", path.display())))?;
+                Some(ex)
+            }
+            None => None,
+        };
+        let mut model = Model {
             manifest,
             features,
+            explainer,
             session,
             rows: Vec::new(),
-        })
+        };
+        model.check_explainer().map_err(mismatch)?;
+        Ok(model)
+    }
+
+    /// The explanation trees must score like the ONNX model: compared on rows that take
+    /// many different paths through them.
+    fn check_explainer(&mut self) -> Result<(), String> {
+        let Some(ex) = self.explainer.take() else {
+            return Ok(());
+        };
+        let n = 256;
+        let rows = ex.probe_rows(n);
+        let mut scores = Vec::new();
+        self.score_rows(&rows, &mut scores)
+            .map_err(|x| x.to_string())?;
+        let width = ex.width();
+        let worst = (0..n)
+            .map(|i| (ex.score(&rows[i * width..(i + 1) * width]) - f64::from(scores[i])).abs())
+            .fold(0.0f64, f64::max);
+        if worst > 1e-5 {
+            return Err(format!(
+                "the explanation trees do not match the ONNX model (scores differ by up to {worst:.3e})"
+            ));
+        }
+        self.explainer = Some(ex);
+        Ok(())
     }
 
     /// Scores transactions as if each were its customer's first (no history): for stateless
@@ -240,6 +303,14 @@ impl Model {
             self.features.extend_row(tx, &ctx, &mut self.rows);
         }
         self.score_buffer(scores)
+    }
+
+    pub fn view(&self) -> ModelView {
+        ModelView {
+            manifest: self.manifest.clone(),
+            features: self.features.clone(),
+            explainer: self.explainer.clone(),
+        }
     }
 
     /// Scores the rows in `self.rows`.

@@ -1,5 +1,5 @@
-//! Hot reload: a watcher thread that loads and checks a new model off the scoring path, and
-//! a slot the pipeline takes it from between two batches.
+//! Hot reload: a watcher thread that loads and checks a new model (or rules file) off the
+//! scoring path, and a slot the pipeline takes it from between two batches.
 //!
 //! A reload starts when the manifest or the ONNX file it names changes on disk (polled every
 //! `model.watch-interval-ms`, and loaded once the files have stopped changing for one
@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use super::{Manifest, Model};
+use crate::decision::rules::RuleSet;
 use crate::telemetry;
 
 /// Which model a reload concerns.
@@ -28,6 +29,8 @@ pub enum Role {
     Primary,
     /// Scores alongside, never decides (`model.shadow`).
     Shadow,
+    /// The rules file (`decision.rules`).
+    Rules,
 }
 
 impl Role {
@@ -35,6 +38,7 @@ impl Role {
         match self {
             Role::Primary => "primary",
             Role::Shadow => "shadow",
+            Role::Rules => "rules",
         }
     }
 }
@@ -44,6 +48,7 @@ impl Role {
 pub struct Candidates {
     pub primary: Option<Model>,
     pub shadow: Option<Model>,
+    pub rules: Option<RuleSet>,
 }
 
 /// Shared between the watcher thread, the pipeline and the HTTP endpoint.
@@ -89,27 +94,33 @@ impl ReloadHandle {
     /// The models checked since the last call, if any.
     pub fn take(&self) -> Option<Candidates> {
         let mut pending = self.0.pending.lock().ok()?;
-        if pending.primary.is_none() && pending.shadow.is_none() {
+        if pending.primary.is_none() && pending.shadow.is_none() && pending.rules.is_none() {
             return None;
         }
         Some(std::mem::take(&mut *pending))
     }
 
-    fn offer(&self, role: Role, model: Model) {
+    fn offer(&self, loaded: Loaded) {
         if let Ok(mut pending) = self.0.pending.lock() {
-            match role {
-                Role::Primary => pending.primary = Some(model),
-                Role::Shadow => pending.shadow = Some(model),
+            match loaded {
+                Loaded::Model(Role::Shadow, m) => pending.shadow = Some(*m),
+                Loaded::Model(_, m) => pending.primary = Some(*m),
+                Loaded::Rules(r) => pending.rules = Some(r),
             }
         }
     }
 }
 
+enum Loaded {
+    Model(Role, Box<Model>),
+    Rules(RuleSet),
+}
+
 /// What identifies the files of a model on disk: (path, modified, length) of the manifest
-/// and of the ONNX file it names.
+/// and of the files it names (or of the rules file).
 type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
 
-fn fingerprint(manifest: &Path) -> Fingerprint {
+fn fingerprint(role: Role, manifest: &Path) -> Fingerprint {
     let stat = |p: &Path| {
         let m = std::fs::metadata(p).ok();
         (
@@ -119,8 +130,14 @@ fn fingerprint(manifest: &Path) -> Fingerprint {
         )
     };
     let mut files = vec![stat(manifest)];
+    if role == Role::Rules {
+        return files;
+    }
     if let Ok(m) = Manifest::read(manifest) {
         files.push(stat(&m.onnx_path(manifest)));
+        if let Some(e) = &m.explain {
+            files.push(stat(&manifest.parent().unwrap_or(Path::new(".")).join(e)));
+        }
     }
     files
 }
@@ -135,7 +152,7 @@ struct Watched {
     seen: Fingerprint,
 }
 
-/// Starts the watcher thread. `models` are (role, manifest path) of the models in service;
+/// Starts the watcher thread. `models` are (role, manifest or rules path) of what is in service;
 /// `interval` of zero turns file watching off (SIGHUP and the endpoint still work).
 pub fn start(
     env: &'static ort::environment::Environment,
@@ -146,14 +163,14 @@ pub fn start(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     for (role, _) in &models {
         for result in ["loaded", "refused"] {
-            metrics::counter!(telemetry::MODEL_RELOADS, "model" => role.as_str(), "result" => result)
+            metrics::counter!(telemetry::RELOADS, "target" => role.as_str(), "result" => result)
                 .increment(0);
         }
     }
     let mut watched: Vec<Watched> = models
         .into_iter()
         .map(|(role, manifest)| {
-            let f = fingerprint(&manifest);
+            let f = fingerprint(role, &manifest);
             Watched {
                 role,
                 manifest,
@@ -176,13 +193,13 @@ pub fn start(
                     served = requested;
                     let mut outcome = Ok(Vec::new());
                     for w in &mut watched {
-                        let f = fingerprint(&w.manifest);
+                        let f = fingerprint(w.role, &w.manifest);
                         w.loaded = f.clone();
                         w.seen = f;
                         match load(env, w, &handle) {
                             Ok(version) => {
                                 if let Ok(v) = &mut outcome {
-                                    v.push(format!("{} model {version}", w.role.as_str()));
+                                    v.push(format!("{} {version}", w.role.as_str()));
                                 }
                             }
                             Err(e) => {
@@ -205,7 +222,7 @@ pub fn start(
                 }
                 since_look = Duration::ZERO;
                 for w in &mut watched {
-                    let now = fingerprint(&w.manifest);
+                    let now = fingerprint(w.role, &w.manifest);
                     let stable = now == w.seen;
                     w.seen = now.clone();
                     if stable && now != w.loaded {
@@ -218,31 +235,42 @@ pub fn start(
         })
 }
 
-/// Loads and checks one model; a model that passes waits in the slot for the pipeline.
+/// Loads and checks one model (or the rules); what passes waits in the slot for the pipeline.
 fn load(
     env: &'static ort::environment::Environment,
     w: &Watched,
     handle: &ReloadHandle,
 ) -> Result<String, String> {
     let role = w.role.as_str();
-    match Model::load(env, &w.manifest) {
-        Ok(model) => {
-            let version = model.manifest.model_version.clone();
+    let loaded = match w.role {
+        Role::Rules => RuleSet::load(&w.manifest)
+            .map(Loaded::Rules)
+            .map_err(|e| e.to_string()),
+        r => Model::load(env, &w.manifest)
+            .map(|m| Loaded::Model(r, Box::new(m)))
+            .map_err(|e| e.to_string()),
+    };
+    match loaded {
+        Ok(loaded) => {
+            let version = match &loaded {
+                Loaded::Model(_, m) => m.manifest.model_version.clone(),
+                Loaded::Rules(r) => r.version.clone(),
+            };
             tracing::info!(
-                model = role,
-                model_version = %version,
-                "New model loaded and checked; it scores from the next batch."
+                target_of_reload = role,
+                version = %version,
+                "Reload checked; it applies from the next batch."
             );
-            metrics::counter!(telemetry::MODEL_RELOADS, "model" => role, "result" => "loaded")
+            metrics::counter!(telemetry::RELOADS, "target" => role, "result" => "loaded")
                 .increment(1);
-            handle.offer(w.role, model);
+            handle.offer(loaded);
             Ok(version)
         }
         Err(e) => {
-            tracing::error!(model = role, error = %e, "New model refused; the model in service keeps scoring.");
-            metrics::counter!(telemetry::MODEL_RELOADS, "model" => role, "result" => "refused")
+            tracing::error!(target_of_reload = role, error = %e, "Reload refused; what is in service keeps deciding.");
+            metrics::counter!(telemetry::RELOADS, "target" => role, "result" => "refused")
                 .increment(1);
-            Err(format!("{role} model refused: {e}"))
+            Err(format!("{role} refused: {e}"))
         }
     }
 }

@@ -21,8 +21,9 @@ pub type EntityHashes = [Option<u64>; 6];
 pub struct GlobalTables {
     /// Label times per entity, unsorted.
     labels: HashMap<(Entity, u64), Vec<i64>>,
-    /// Expiry (event time, exclusive) per blocked entity; `i64::MAX` when it does not expire.
-    blocklist: HashMap<(Entity, u64), i64>,
+    /// Expiry (event time, exclusive; `i64::MAX` when it does not expire) and reason per
+    /// blocked entity.
+    blocklist: HashMap<(Entity, u64), (i64, String)>,
 }
 
 /// An identifier as hashed: e-mails and domains compare case-insensitively.
@@ -91,7 +92,7 @@ impl GlobalTables {
         match entry {
             Some(b) => {
                 self.blocklist
-                    .insert(k, b.expires_at_ms.unwrap_or(i64::MAX));
+                    .insert(k, (b.expires_at_ms.unwrap_or(i64::MAX), b.reason.clone()));
             }
             None => {
                 self.blocklist.remove(&k);
@@ -111,11 +112,19 @@ impl GlobalTables {
             if let Some(times) = self.labels.get(&(e, h)) {
                 out.labels[e.index()] = times.iter().filter(|&&lt| lt <= t).count() as u32;
             }
-            if let Some(&expires) = self.blocklist.get(&(e, h)) {
-                out.blocked[e.index()] = t < expires;
+            if let Some((expires, _)) = self.blocklist.get(&(e, h)) {
+                out.blocked[e.index()] = t < *expires;
             }
         }
         out
+    }
+
+    /// The reason of the blocklist entry for this entity hash, if one applies at time `t`.
+    pub fn block_reason(&self, entity: Entity, hash: u64, t: i64) -> Option<&str> {
+        self.blocklist
+            .get(&(entity, hash))
+            .filter(|(expires, _)| t < *expires)
+            .map(|(_, reason)| reason.as_str())
     }
 
     /// (labelled entities, blocked entities).
@@ -167,6 +176,9 @@ mod tests {
         g.apply_block(&h, b"email_domain:example.com", Some(&entry))
             .unwrap();
         assert!(g.hits(&ids, 499).blocked[Entity::EmailDomain.index()]);
+        let domain = ids[Entity::EmailDomain.index()].unwrap();
+        assert_eq!(g.block_reason(Entity::EmailDomain, domain, 499), Some("r"));
+        assert_eq!(g.block_reason(Entity::EmailDomain, domain, 500), None);
         assert!(
             !g.hits(&ids, 500).blocked[Entity::EmailDomain.index()],
             "expired"

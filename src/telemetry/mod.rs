@@ -39,8 +39,14 @@ pub const CONSUMER_LAG: &str = "fraudstream_consumer_lag_messages";
 /// Gauge, labels `model` (primary, shadow) and `model_version`: 1 for a model in service,
 /// 0 once replaced (an info metric).
 pub const MODEL_INFO: &str = "fraudstream_model_info";
-/// Counter, labels `model` (primary, shadow) and `result` (loaded, refused): hot reloads.
-pub const MODEL_RELOADS: &str = "fraudstream_model_reloads_total";
+/// Counter, labels `target` (primary, shadow, rules) and `result` (loaded, refused): hot
+/// reloads.
+pub const RELOADS: &str = "fraudstream_reloads_total";
+/// Counter, label `cause` (error, latency-budget, busy): transactions decided without the
+/// model (degraded).
+pub const DEGRADED: &str = "fraudstream_degraded_total";
+/// Counter, label `rule` (its code): rules that fired.
+pub const RULE_HITS: &str = "fraudstream_rule_hits_total";
 /// Counter: transactions the shadow model could not score (its score is left out).
 pub const SHADOW_ERRORS: &str = "fraudstream_shadow_errors_total";
 /// Gauge: partitions of the transactions topic assigned to this instance.
@@ -129,9 +135,14 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "1 for a model in service, by role and version (0 once replaced)."
     );
     metrics::describe_counter!(
-        MODEL_RELOADS,
-        "Model reloads, by role and result (loaded, refused)."
+        RELOADS,
+        "Hot reloads of the models and rules, by target and result (loaded, refused)."
     );
+    metrics::describe_counter!(
+        DEGRADED,
+        "Transactions decided by rules alone because the model could not score, by cause."
+    );
+    metrics::describe_counter!(RULE_HITS, "Rules that fired, by rule code.");
     metrics::describe_counter!(
         SHADOW_ERRORS,
         "Transactions the shadow model could not score."
