@@ -154,20 +154,79 @@ fn contributions_add_up_to_the_margin_of_the_default_model() {
     assert!(moved > n, "contributions are not all zero");
 }
 
+/// Writes `dir/<kind>.onnx` (tests/py/failing_model.py: `failing` or `slow`) for 30 inputs.
+fn unusable_model(dir: &Path, kind: &str) -> std::path::PathBuf {
+    let python =
+        std::env::var("FRAUDSTREAM_PYTHON").expect("FRAUDSTREAM_PYTHON (scripts/test sets it)");
+    let out = dir.join(format!("{kind}.onnx"));
+    let status = std::process::Command::new(python)
+        .arg(repo().join("tests/py/failing_model.py"))
+        .args([kind, out.to_str().unwrap(), "30"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    out
+}
+
+/// A model slower than the latency budget: every batch is decided by the rules, nothing
+/// waits for the model.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_over_the_latency_budget_is_decided_without() {
+    let t = topics("budget", 3).await;
+    let dir = std::env::temp_dir().join(unique("budget"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let onnx = unusable_model(&dir, "slow");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(manifest_path()).unwrap()).unwrap();
+    m["model_version"] = "slow".into();
+    m["onnx"] = onnx.to_str().unwrap().into();
+    m.as_object_mut().unwrap().remove("onnx_sha256");
+    let manifest = dir.join("slow.json");
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let n = 300;
+    let records = sample_stream(n, "b", 20, fraudstream::pipeline::now_ms(), 1);
+    send_all(&producer(), &t.transactions, &records).await;
+    let mut scorer = Scorer::start(
+        &t,
+        &[
+            ("FRAUDSTREAM__MODEL__MANIFEST", manifest.to_str().unwrap()),
+            ("FRAUDSTREAM__DECISION__LATENCY_BUDGET_MS", "5"),
+        ],
+    );
+    let mut reader = Reader::new(&t.verdicts);
+    let all = reader
+        .read_until_distinct_keys(Duration::from_secs(60), n)
+        .await;
+    let log = scorer.log_text();
+    assert!(all, "verdicts missing; log:\n{log}");
+    for v in verdicts_by_id(&reader.messages).values().map(|v| &v[0]) {
+        assert!(v.degraded, "{v:?}");
+        assert_eq!(
+            v.decision,
+            Decision::Approve,
+            "the shipped on-model-failure"
+        );
+        let reason = v.reasons.last().unwrap();
+        assert_eq!(reason.code, "model-unavailable");
+        assert!(
+            reason.text.contains("latency budget of 5 ms") || reason.text.contains("earlier batch"),
+            "{reason:?}"
+        );
+    }
+    let (_, metrics) = scorer.http_get("/metrics").await;
+    assert!(
+        metrics.contains(r#"fraudstream_degraded_total{cause="latency-budget"}"#),
+        "{metrics}"
+    );
+    scorer.stop();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn verdicts_keep_flowing_degraded_while_the_model_fails_then_recover() {
     let t = topics("degraded", 3).await;
     let dir = std::env::temp_dir().join(unique("degraded"));
     std::fs::create_dir_all(&dir).unwrap();
-    let python =
-        std::env::var("FRAUDSTREAM_PYTHON").expect("FRAUDSTREAM_PYTHON (scripts/test sets it)");
-    let status = std::process::Command::new(python)
-        .arg(repo().join("tests/py/failing_model.py"))
-        .arg(dir.join("failing.onnx"))
-        .arg("30")
-        .status()
-        .unwrap();
-    assert!(status.success());
+    unusable_model(&dir, "failing");
     std::fs::copy(repo().join("models/ulb-xgb.onnx"), dir.join("good.onnx")).unwrap();
     let write = |version: &str, onnx: &str| {
         let mut m: serde_json::Value =
@@ -194,15 +253,7 @@ text = "Amount {amount} is over 1000."
     )
     .unwrap();
     let manifest = dir.join("model.json");
-    let mut scorer = Scorer::start(
-        &t,
-        &[
-            ("FRAUDSTREAM__MODEL__MANIFEST", manifest.to_str().unwrap()),
-            ("FRAUDSTREAM__MODEL__WATCH_INTERVAL_MS", "100"),
-            ("FRAUDSTREAM__DECISION__RULES", rules.to_str().unwrap()),
-        ],
-    );
-    scorer.wait_ready(Duration::from_secs(60)).await;
+    let mut scorer = Scorer::start_watching(&t, &manifest, &rules).await;
 
     let n = 4000;
     let records = sample_stream(n, "d", 50, fraudstream::pipeline::now_ms(), 1);
@@ -213,14 +264,7 @@ text = "Amount {amount} is over 1000."
         .enumerate()
         .map(|(i, r)| (format!("d{i}"), r.amount().parse().unwrap()))
         .collect();
-    let topic = t.transactions.clone();
-    let producing = tokio::spawn(async move {
-        let p = producer();
-        for chunk in records.chunks(100) {
-            send_all(&p, &topic, chunk).await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
+    let producing = produce_paced(&t.transactions, records);
     // The model breaks at run time (it loads and passes every check), then is mended.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     write("failing", "failing.onnx");

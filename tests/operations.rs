@@ -111,15 +111,7 @@ async fn readiness_follows_the_assignment() {
 
     // The owner stops; the standby takes the partition over and becomes ready.
     ready.stop();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while standby.http_get("/readyz").await.0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "standby never became ready:\n{}",
-            standby.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    standby.wait_ready(Duration::from_secs(60)).await;
     standby.stop();
 }
 

@@ -60,27 +60,12 @@ async fn models_swapped_under_load_score_every_transaction_once() {
         std::fs::rename(dir.join(".rules.tmp"), &rules).unwrap();
     };
     write_rules("false");
-    let mut scorer = Scorer::start(
-        &t,
-        &[
-            ("FRAUDSTREAM__MODEL__MANIFEST", manifest.to_str().unwrap()),
-            ("FRAUDSTREAM__MODEL__WATCH_INTERVAL_MS", "100"),
-            ("FRAUDSTREAM__DECISION__RULES", rules.to_str().unwrap()),
-        ],
-    );
-    scorer.wait_ready(Duration::from_secs(60)).await;
+    let mut scorer = Scorer::start_watching(&t, &manifest, &rules).await;
 
     // About 1,000 transactions a second for 4 s while the model files change.
     let n = 4000;
     let records = sample_stream(n, "r", 50, fraudstream::pipeline::now_ms(), 1);
-    let topic = t.transactions.clone();
-    let producing = tokio::spawn(async move {
-        let p = producer();
-        for chunk in records.chunks(100) {
-            send_all(&p, &topic, chunk).await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
+    let producing = produce_paced(&t.transactions, records);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // A broken model is refused, by the endpoint as by the watcher, and scoring goes on.

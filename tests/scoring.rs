@@ -215,20 +215,8 @@ async fn default_model_scores_sparkov_transactions_as_offline() {
     // Offline: the same lines through `fraudstream replay`, scored by the shipped model.
     let dir = std::env::temp_dir().join(unique("default-model"));
     std::fs::create_dir_all(&dir).unwrap();
-    let input = dir.join("sample.jsonl");
     let text: String = txs.iter().map(|tx| format!("{}\n", tx.json)).collect();
-    std::fs::write(&input, text).unwrap();
-    let table = dir.join("table.csv");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_fraudstream"))
-        .current_dir(repo())
-        .args(["replay", "--quiet", "--partitions", &partitions.to_string()])
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(&table)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let table = replay(&dir, &text, partitions);
     let lib = std::env::var_os("ORT_DYLIB_PATH").expect("ORT_DYLIB_PATH (scripts/test sets it)");
     let env = fraudstream::model::init_runtime(Some(std::path::Path::new(&lib))).unwrap();
     let path = repo().join("models/sparkov-xgb.manifest.json");

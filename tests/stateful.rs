@@ -377,24 +377,12 @@ async fn replay_computes_the_online_features() {
     send_all(&p, &t.navigation, &navs).await;
     let dir = std::env::temp_dir().join(unique("replay"));
     std::fs::create_dir_all(&dir).unwrap();
-    let input = dir.join("events.jsonl");
     let mut text = String::new();
     for (_, v) in navs.iter().chain(&txs) {
         text.push_str(std::str::from_utf8(v).unwrap());
         text.push('\n');
     }
-    std::fs::write(&input, text).unwrap();
-    let output = dir.join("table.csv");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_fraudstream"))
-        .current_dir(repo())
-        .args(["replay", "--quiet", "--partitions", &partitions.to_string()])
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(&output)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let output = replay(&dir, &text, partitions);
 
     let idle = ("FRAUDSTREAM__BATCH__MAX_TASK_IDLE_MS", "60000");
     let mut scorer = Scorer::start(&t, &[AUDIT, idle]);

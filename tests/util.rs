@@ -294,6 +294,21 @@ impl Scorer {
         }
     }
 
+    /// Starts instance "a" with its model and rules in files a test rewrites (watched every
+    /// 100 ms), and waits until it is ready.
+    pub async fn start_watching(t: &Topics, manifest: &Path, rules: &Path) -> Scorer {
+        let scorer = Scorer::start(
+            t,
+            &[
+                ("FRAUDSTREAM__MODEL__MANIFEST", manifest.to_str().unwrap()),
+                ("FRAUDSTREAM__MODEL__WATCH_INTERVAL_MS", "100"),
+                ("FRAUDSTREAM__DECISION__RULES", rules.to_str().unwrap()),
+            ],
+        );
+        scorer.wait_ready(Duration::from_secs(60)).await;
+        scorer
+    }
+
     /// SIGTERM, and asserts a clean exit (code 0) within 30 s.
     pub fn stop(&mut self) {
         self.signal("TERM");
@@ -458,6 +473,37 @@ pub fn sample_stream(
             (customer, json.into_bytes())
         })
         .collect()
+}
+
+/// Produces `records` in the background at about 1,000 a second (100 every 100 ms).
+pub fn produce_paced(topic: &str, records: Vec<(String, Vec<u8>)>) -> tokio::task::JoinHandle<()> {
+    let topic = topic.to_string();
+    tokio::spawn(async move {
+        let p = producer();
+        for chunk in records.chunks(100) {
+            send_all(&p, &topic, chunk).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// `fraudstream replay` of JSON lines (`lines`, written to a file in `dir`) into a training
+/// table; returns the table's path.
+pub fn replay(dir: &Path, lines: &str, partitions: i32) -> PathBuf {
+    let input = dir.join("events.jsonl");
+    std::fs::write(&input, lines).unwrap();
+    let output = dir.join("table.csv");
+    let status = Command::new(env!("CARGO_BIN_EXE_fraudstream"))
+        .current_dir(repo())
+        .args(["replay", "--quiet", "--partitions", &partitions.to_string()])
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .status()
+        .unwrap();
+    assert!(status.success(), "replay failed");
+    output
 }
 
 /// One line of `tests/data/sparkov-sample.jsonl.gz` (Sparkov's held-out period as JSON).
