@@ -178,8 +178,8 @@ pub struct DecisionSettings {
     /// Merchants whose transactions are scored; others get a `reject` verdict without
     /// scoring. Empty: every merchant is enabled.
     pub enabled_merchants: Vec<String>,
-    /// How many of the features that pushed the score up most go into a verdict's reasons
-    /// (from the model's explanation trees); 0 = none.
+    /// How many of the features that pushed the score up most go into the reasons of review
+    /// and decline verdicts (from the model's explanation trees); 0 = none.
     pub model_reasons: usize,
     /// A batch the model has not scored within this many milliseconds is decided by rules
     /// alone (`degraded`); 0 = no budget.

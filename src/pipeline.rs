@@ -1031,7 +1031,11 @@ impl Worker {
                 );
                 match (score, &self.model.explainer) {
                     (None, _) => reasons.extend(self.degraded_reason.clone()),
-                    (Some(_), Some(ex)) if self.model_reasons > 0 => {
+                    // Approvals go without: contributions cost more than the score itself
+                    // (bench/RESULTS.md), and 98 % of verdicts are approvals.
+                    (Some(_), Some(ex))
+                        if self.model_reasons > 0 && decision != Decision::Approve =>
+                    {
                         self.contributions.resize(width, 0.0);
                         let row = &self.rows[j * width..(j + 1) * width];
                         ex.contributions(row, &mut self.contributions);

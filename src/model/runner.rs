@@ -1,10 +1,13 @@
-//! The primary model on a thread of its own, so that a batch it cannot score in time (or at
+//! Runs the primary model for the pipeline, so that a batch it cannot score in time (or at
 //! all) is decided without it and the partition never stalls.
 //!
-//! The pipeline hands over a batch's rows and waits at most `decision.latency-budget-ms`. A
-//! batch past the budget is decided by rules alone; its late answer is collected and thrown
-//! away before the next batch is sent, and until it arrives further batches are decided
-//! without the model too (`busy`). A scoring error degrades that batch only.
+//! With `decision.latency-budget-ms` set, the model runs on a thread of its own: the pipeline
+//! hands over a batch's rows and waits at most the budget. A batch past the budget is decided
+//! by rules alone; its late answer is collected and thrown away before the next batch is sent,
+//! and until it arrives further batches are decided without the model too (`busy`). Without a
+//! budget the model runs on the pipeline's thread (two thread wake-ups a batch cost more
+//! latency than they save on a loaded machine; bench/RESULTS.md). Either way a scoring error
+//! degrades that batch only.
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -48,18 +51,55 @@ struct Done {
     scores: Result<Vec<f32>, String>,
 }
 
-pub struct Runner {
+pub enum Runner {
+    /// No budget: scores on the caller's thread.
+    Inline(Box<Model>, Vec<f32>),
+    Threaded(Threaded),
+}
+
+pub struct Threaded {
     jobs: mpsc::Sender<Job>,
     done: mpsc::Receiver<Done>,
     /// The job still running past its budget.
     late: Option<u64>,
     next: u64,
-    budget: Option<Duration>,
+    budget: Duration,
 }
 
 impl Runner {
-    /// Starts the thread with `model`; `budget` of `None` waits as long as scoring takes.
+    /// With a `budget`, starts the model's thread; without, scores inline.
     pub fn start(model: Model, budget: Option<Duration>) -> std::io::Result<Runner> {
+        match budget {
+            None => Ok(Runner::Inline(Box::new(model), Vec::new())),
+            Some(b) => Threaded::start(model, b).map(Runner::Threaded),
+        }
+    }
+
+    /// Puts `model` in service for the batches scored after this call.
+    pub fn swap(&mut self, model: Model) {
+        match self {
+            Runner::Inline(m, _) => **m = model,
+            Runner::Threaded(t) => t.swap(model),
+        }
+    }
+
+    /// Scores `rows`: the rows back and one score per row, or why not.
+    pub fn score(&mut self, rows: Vec<f32>) -> Result<(Vec<f32>, Vec<f32>), Unscored> {
+        match self {
+            Runner::Inline(m, scores) => match m.score_rows(&rows, scores) {
+                Ok(()) => Ok((rows, scores.clone())),
+                Err(e) => Err(Unscored {
+                    cause: Cause::Error,
+                    message: e.to_string(),
+                }),
+            },
+            Runner::Threaded(t) => t.score(rows),
+        }
+    }
+}
+
+impl Threaded {
+    fn start(model: Model, budget: Duration) -> std::io::Result<Threaded> {
         let (jobs, inbox) = mpsc::channel::<Job>();
         let (outbox, done) = mpsc::channel::<Done>();
         std::thread::Builder::new()
@@ -82,7 +122,7 @@ impl Runner {
                     }
                 }
             })?;
-        Ok(Runner {
+        Ok(Threaded {
             jobs,
             done,
             late: None,
@@ -91,14 +131,12 @@ impl Runner {
         })
     }
 
-    /// Puts `model` in service for the batches sent after this call.
-    pub fn swap(&mut self, model: Model) {
+    fn swap(&mut self, model: Model) {
         // A send fails only once the thread has stopped; `score` then reports it.
         let _ = self.jobs.send(Job::Swap(Box::new(model)));
     }
 
-    /// Scores `rows`: the rows back and one score per row, or why not.
-    pub fn score(&mut self, rows: Vec<f32>) -> Result<(Vec<f32>, Vec<f32>), Unscored> {
+    fn score(&mut self, rows: Vec<f32>) -> Result<(Vec<f32>, Vec<f32>), Unscored> {
         let unscored = |cause, message: String| Unscored { cause, message };
         if let Some(late) = self.late {
             while let Ok(d) = self.done.try_recv() {
@@ -122,14 +160,11 @@ impl Runner {
                 "the model thread has stopped".into(),
             ));
         }
-        let deadline = self.budget.map(|b| (b, Instant::now() + b));
+        let deadline = Instant::now() + self.budget;
         loop {
-            let answer = match deadline {
-                Some((_, at)) => self
-                    .done
-                    .recv_timeout(at.saturating_duration_since(Instant::now())),
-                None => self.done.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            };
+            let answer = self
+                .done
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()));
             match answer {
                 Ok(d) if d.id == id => {
                     return d
@@ -141,7 +176,7 @@ impl Runner {
                 Ok(_) => continue,
                 Err(RecvTimeoutError::Timeout) => {
                     self.late = Some(id);
-                    let budget = deadline.map_or(0, |(b, _)| b.as_millis());
+                    let budget = self.budget.as_millis();
                     return Err(unscored(
                         Cause::LatencyBudget,
                         format!("the model took longer than the latency budget of {budget} ms"),
