@@ -91,6 +91,60 @@ async fn each_malformed_kind_is_dead_lettered_and_neighbours_scored() {
         ),
         ("empty", Some(Vec::new())),
         ("empty", None),
+        // Hostile input: deep nesting, NaN, far-future and ancient times, a huge array,
+        // bytes that are no format at all. (Nesting in a field fraudstream does not read is
+        // skipped like any unknown field: such a message is scored.)
+        (
+            "wrong-type",
+            Some(
+                good(5)
+                    .replace(
+                        "\"channel\":\"web\"",
+                        &format!("\"channel\":{}{}", "[".repeat(5000), "]".repeat(5000)),
+                    )
+                    .into_bytes(),
+            ),
+        ),
+        (
+            "malformed-json",
+            Some(
+                good(6)
+                    .replace(
+                        &format!("\"amount\":{}", rows[6].amount()),
+                        "\"amount\":NaN",
+                    )
+                    .into_bytes(),
+            ),
+        ),
+        (
+            "invalid-value",
+            Some(
+                good(7)
+                    .replace("1795341600000", "253402300800000")
+                    .into_bytes(),
+            ),
+        ),
+        (
+            "invalid-value",
+            Some(good(8).replace("1795341600000", "-1").into_bytes()),
+        ),
+        (
+            "feature-length",
+            Some(
+                good(9)
+                    .replace(
+                        &rows[9].features_text.join(","),
+                        &vec!["0.5"; 12_000].join(","),
+                    )
+                    .into_bytes(),
+            ),
+        ),
+        (
+            "avro-decode",
+            Some(vec![
+                0x05, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+            ]),
+        ),
     ];
     for (kind, payload) in &bad {
         if let Some(p) = payload {

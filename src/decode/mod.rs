@@ -5,6 +5,8 @@
 //! ignored; missing required fields, wrong types and invalid values are errors.
 
 mod avro;
+#[cfg(test)]
+mod fuzz;
 mod json;
 mod records;
 
