@@ -39,6 +39,16 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Export the state the changelog topic holds (every entity's latest value up to each
+    /// partition's last marker) as sorted `partition key value` lines in hex, to compare the
+    /// state of two runs.
+    StateExport {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where to write; `-` is stdout.
+        #[arg(long, default_value = "-")]
+        output: PathBuf,
+    },
     /// Replay historical files (Sparkov CSV, or fraudstream JSON lines of transactions and
     /// navigation events; `-` is stdin) through the feature code, in event-time order, into
     /// a training table (CSV: transaction_id, event_time_ms, label, features).
@@ -86,6 +96,7 @@ fn main() -> ExitCode {
         Command::Run { config }
         | Command::CheckConfig { config }
         | Command::StateStats { config }
+        | Command::StateExport { config, .. }
         | Command::Replay { config, .. }
         | Command::Validate { config, .. } => config,
     };
@@ -151,6 +162,29 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::StateExport { output, .. } => {
+            let result = fraudstream::source::restore::Restorer::new(&settings).and_then(|r| {
+                if output.as_os_str() == "-" {
+                    r.export(&mut std::io::stdout().lock())
+                } else {
+                    let mut f = std::io::BufWriter::new(std::fs::File::create(output)?);
+                    r.export(&mut f)
+                }
+            });
+            return match result {
+                Ok(n) => {
+                    eprintln!(
+                        "{n} entities exported from `{}`",
+                        settings.changelog_topic()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
                     ExitCode::FAILURE
                 }
             };

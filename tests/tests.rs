@@ -3,6 +3,7 @@
 
 mod util;
 
+mod chaos;
 mod config_errors;
 mod dead_letter;
 mod decision;

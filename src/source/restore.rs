@@ -154,6 +154,67 @@ impl Restorer {
     }
 }
 
+impl Restorer {
+    /// The state the changelog holds: per partition, the latest value of every entity key up
+    /// to the partition's last marker (what a restore would apply), markers left out. Written
+    /// to `out` as `partition<TAB>key hex<TAB>value hex` lines in key order: two runs over
+    /// the same input that end with equal exports hold equal state (`fraudstream
+    /// state-export`, the chaos run).
+    pub fn export(&self, out: &mut impl std::io::Write) -> anyhow::Result<usize> {
+        let metadata = self
+            .consumer
+            .fetch_metadata(Some(&self.changelog), Duration::from_secs(10))
+            .map_err(|e| anyhow::anyhow!("cannot read `{}`: {e}", self.changelog))?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .map(|t| t.partitions().len() as i32)
+            .filter(|n| *n > 0)
+            .ok_or_else(|| anyhow::anyhow!("no changelog topic `{}`", self.changelog))?;
+        let mut lines = 0;
+        for partition in 0..partitions {
+            let (low, high) = self.consumer.fetch_watermarks(
+                &self.changelog,
+                partition,
+                Duration::from_secs(10),
+            )?;
+            let mut state: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = Default::default();
+            let mut pending: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+            if low < high {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&self.changelog, partition, Offset::Offset(low))?;
+                self.consumer.assign(&tpl)?;
+                let mut last = low - 1;
+                while last + 1 < high {
+                    let Some(r) = self.consumer.poll(Duration::from_millis(500)) else {
+                        continue;
+                    };
+                    let m = r?;
+                    last = m.offset();
+                    let Some(k) = m.key() else { continue };
+                    if k.first() == Some(&b'a') {
+                        for (k, v) in pending.drain(..) {
+                            match v {
+                                Some(v) => state.insert(k, v),
+                                None => state.remove(&k),
+                            };
+                        }
+                    } else {
+                        pending.push((k.to_vec(), m.payload().map(<[u8]>::to_vec)));
+                    }
+                }
+                self.consumer.unassign()?;
+            }
+            let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+            for (k, v) in &state {
+                writeln!(out, "{partition}\t{}\t{}", hex(k), hex(v))?;
+                lines += 1;
+            }
+        }
+        Ok(lines)
+    }
+}
+
 /// Creates the internal topics that do not exist yet, with `partitions` each (the changelog
 /// compacted). Existing ones are left alone; their partition count is checked by the caller.
 pub async fn create_internal_topics(
