@@ -139,6 +139,24 @@ class Verdicts:
                     (v["score"], v["decision"], v["model_version"], tuple(r["code"] for r in v["reasons"])))
 
 
+def compare(clean, clean_state, other, other_state):
+    """The checks of a disturbed run against the clean one, as summary fields, and whether
+    they all pass: every transaction answered, duplicates identical, verdicts and state equal."""
+    missing = sum(1 for t in clean.by_id if t not in other.by_id)
+    fields = {
+        "verdicts": other.total, "duplicates": other.total - len(other.by_id),
+        "transactions_without_verdict": missing,
+        "differing_duplicates": sum(1 for v in other.by_id.values() if len(set(v)) > 1),
+        "verdicts_differing_from_clean": sum(
+            1 for t, v in other.by_id.items() if t in clean.by_id and v[0] != clean.by_id[t][0]),
+        "state_entities": len(clean_state),
+        "state_lines_differing": len(set(clean_state) ^ set(other_state)),
+    }
+    ok = (missing == 0 and fields["differing_duplicates"] == 0 and fields["verdicts_differing_from_clean"] == 0
+          and fields["state_lines_differing"] == 0 and len(clean_state) > 0)
+    return fields, ok
+
+
 def export(args, instance, path):
     out = subprocess.run([args.bin, "state-export", "--config", "docs/fraudstream.toml", "--output", path],
                          env=instance.env(), capture_output=True, text=True)
@@ -234,26 +252,17 @@ def main():
     clean, clean_state, _, clean_s = run(args, work, run_id, "clean", topics, chaos=False)
     chaos, chaos_state, counts, chaos_s = run(args, work, run_id, "chaos", topics, chaos=True)
 
-    missing = [t for t in clean.by_id if t not in chaos.by_id]
-    differing_duplicates = sum(1 for v in chaos.by_id.values() if len(set(v)) > 1)
-    mismatches = sum(1 for t, v in chaos.by_id.items() if t in clean.by_id and v[0] != clean.by_id[t][0])
-    state_diff = len(set(clean_state) ^ set(chaos_state))
+    fields, ok = compare(clean, clean_state, chaos, chaos_state)
     summary = {
         "transactions": args.transactions, "navigation_events": args.transactions,
         "kills": counts["kills"], "joins": counts["joins"], "leaves": counts["leaves"],
         "joins_and_leaves": counts["joins"] + counts["leaves"],
         "rebalances": counts["kills"] + counts["joins"] + counts["leaves"],
-        "verdicts": chaos.total, "duplicates": chaos.total - len(chaos.by_id),
-        "transactions_without_verdict": len(missing), "differing_duplicates": differing_duplicates,
-        "verdicts_differing_from_clean": mismatches,
-        "state_entities": len(clean_state), "state_lines_differing": state_diff,
+        **fields,
         "clean_seconds": round(clean_s, 1), "chaos_seconds": round(chaos_s, 1), "work": work,
     }
     print(json.dumps(summary, indent=1))
-    ok = (not missing and differing_duplicates == 0 and mismatches == 0 and state_diff == 0
-          and counts["kills"] >= args.kills and summary["joins_and_leaves"] >= args.rebalances
-          and len(clean_state) > 0)
-    if not ok:
+    if not ok or counts["kills"] < args.kills or summary["joins_and_leaves"] < args.rebalances:
         log("FAILED")
         sys.exit(1)
     log("passed")
