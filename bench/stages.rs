@@ -67,21 +67,25 @@ fn features(c: &mut Criterion) {
     let hasher = Hasher::new(b"bench");
     let tables = GlobalTables::default();
     let model = model();
+    // Features and state updates of `txs` into `batch`, reading the store.
+    let apply = |txs: &[Transaction], batch: &mut StateBatch, rows: &mut Vec<f32>| {
+        for tx in txs {
+            engine::transaction(
+                0,
+                tx,
+                &hasher,
+                &tables,
+                batch,
+                &store,
+                &mut [(&model.features, rows)],
+            )
+            .unwrap();
+        }
+    };
     // Warm: the sample applied and committed once, so every read below hits the store.
     let mut rows = Vec::new();
     let mut batch = StateBatch::default();
-    for tx in &txs {
-        engine::transaction(
-            0,
-            tx,
-            &hasher,
-            &tables,
-            &mut batch,
-            &store,
-            &mut [(&model.features, &mut rows)],
-        )
-        .unwrap();
-    }
+    apply(&txs, &mut batch, &mut rows);
     store.commit(&batch).unwrap();
     let mut g = c.benchmark_group("features");
     g.throughput(Throughput::Elements(1000));
@@ -92,18 +96,7 @@ fn features(c: &mut Criterion) {
             StateBatch::default,
             |mut batch| {
                 rows.clear();
-                for tx in &txs[..1000] {
-                    engine::transaction(
-                        0,
-                        tx,
-                        &hasher,
-                        &tables,
-                        &mut batch,
-                        &store,
-                        &mut [(&model.features, &mut rows)],
-                    )
-                    .unwrap();
-                }
+                apply(&txs[..1000], &mut batch, &mut rows);
                 batch
             },
             BatchSize::SmallInput,

@@ -266,7 +266,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         ready: Vec::new(),
         rows: Vec::new(),
         audit_rows: Vec::new(),
-        degraded_reason: None,
         shadow_rows: Vec::new(),
         shadow_ok: Vec::new(),
         shadow_scores: Vec::new(),
@@ -507,8 +506,6 @@ struct Worker {
     ready: Vec<Pending>,
     rows: Vec<f32>,
     audit_rows: Vec<f32>,
-    /// The reason put on verdicts of the batch the model could not score.
-    degraded_reason: Option<Reason>,
     shadow_rows: Vec<f32>,
     /// Per transaction of `shadow_rows`: whether it carries what the shadow reads (a
     /// passthrough shadow cannot score a transaction without its vector; it is left out).
@@ -962,7 +959,8 @@ impl Worker {
         };
         metrics::histogram!(telemetry::SCORING_DURATION).record(t.elapsed().as_secs_f64());
         metrics::histogram!(telemetry::SCORING_BATCH_ROWS).record(scored as f64);
-        let scores = match outcome {
+        // Without scores, the reason every verdict of the batch carries.
+        let (scores, degraded) = match outcome {
             Ok(scores) => {
                 if let Some(since) = self.unscored_since.take() {
                     tracing::info!(
@@ -970,7 +968,7 @@ impl Worker {
                         "The model scores again."
                     );
                 }
-                Some(scores)
+                (Some(scores), None)
             }
             Err(Unscored { cause, message }) => {
                 if self.unscored_since.is_none() {
@@ -979,11 +977,11 @@ impl Worker {
                 }
                 metrics::counter!(telemetry::DEGRADED, "cause" => cause.as_str())
                     .increment(scored as u64);
-                self.degraded_reason = Some(Reason {
+                let reason = Reason {
                     code: "model-unavailable".into(),
                     text: format!("The model could not score ({message}); decided by rules alone."),
-                });
-                None
+                };
+                (None, Some(reason))
             }
         };
         let shadow = match &mut self.shadow {
@@ -1030,7 +1028,7 @@ impl Worker {
                     self.rules.on_model_failure,
                 );
                 match (score, &self.model.explainer) {
-                    (None, _) => reasons.extend(self.degraded_reason.clone()),
+                    (None, _) => reasons.extend(degraded.clone()),
                     // Approvals go without: contributions cost more than the score itself
                     // (bench/RESULTS.md), and 98 % of verdicts are approvals.
                     (Some(_), Some(ex))

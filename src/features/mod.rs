@@ -226,6 +226,8 @@ impl Context<'static> {
 pub struct FeatureSet {
     names: Vec<String>,
     features: Vec<Feature>,
+    /// Derived from `features` once: the pipeline checks it per transaction.
+    requirements: Requirements,
 }
 
 impl FeatureSet {
@@ -249,16 +251,31 @@ impl FeatureSet {
                 })?;
             features.push(f);
         }
-        Ok(FeatureSet {
-            names: names.iter().map(|n| n.as_ref().to_string()).collect(),
+        Ok(FeatureSet::new(
+            names.iter().map(|n| n.as_ref().to_string()).collect(),
             features,
-        })
+        ))
+    }
+
+    fn new(names: Vec<String>, features: Vec<Feature>) -> FeatureSet {
+        let passthrough_len = features
+            .iter()
+            .filter_map(|f| match f {
+                Feature::Passthrough(i) => Some(i + 1),
+                _ => None,
+            })
+            .max();
+        FeatureSet {
+            names,
+            features,
+            requirements: Requirements { passthrough_len },
+        }
     }
 
     /// Every named feature of the registry (no passthrough), in registry order.
     pub fn all_named() -> FeatureSet {
         let (names, features) = named().into_iter().unzip();
-        FeatureSet { names, features }
+        FeatureSet::new(names, features)
     }
 
     pub fn names(&self) -> &[String] {
@@ -275,15 +292,7 @@ impl FeatureSet {
 
     /// What every transaction must carry for these features to be computed.
     pub fn requirements(&self) -> Requirements {
-        let passthrough_len = self
-            .features
-            .iter()
-            .filter_map(|f| match f {
-                Feature::Passthrough(i) => Some(i + 1),
-                _ => None,
-            })
-            .max();
-        Requirements { passthrough_len }
+        self.requirements
     }
 
     /// Appends this transaction's row to `out`. The transaction has passed
