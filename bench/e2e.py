@@ -1,25 +1,32 @@
-"""End-to-end benchmark: fraudstream (release build) between a producer of transactions and
-navigation events (bench/workload.py, about 10 navigation events per purchase) and a reader of
-its verdicts, on the broker at --bootstrap. Run by `bench/e2e` (which builds and starts what
-is needed); writes bench/results/e2e-<run>.{json,png} and prints a table.
+"""End-to-end benchmark: fraudstream (release build) on Apache Kafka, driven by Kafka's own
+kafka-producer-perf-test (org.apache.kafka.tools.ProducerPerformance) with payload files of
+realistic transactions and navigation events (bench/gen_payloads.py: about 9 page events per
+purchase), sent unkeyed as that tool sends them: fraudstream re-keys them by customer through
+its repartition topic. A read_committed reader (confluent-kafka) measures the latency of each
+verdict as read time minus its record timestamp, which is the transaction's own (fraudstream
+gives a verdict its input's timestamp, as Kafka Streams does), i.e. the moment the perf tool
+sent it. Run by `bench/e2e`, which builds and starts what is needed; writes
+bench/results/e2e-<run>.{json,png} and prints a table.
 
 Phases:
-- `rate:R`: R transactions/s (and their navigation events) for --seconds, each event stamped
-  with the time it is sent; latency = verdict read - transaction event time.
-- `spike:B`: B tx/s for 20 s, 10 x B for 30 s ("Black Friday"), B again for 60 s: the peak lag
-  (transactions produced and not yet answered) and the time from the end of the spike until
-  the lag is back under one second's worth of the base rate.
-- `backlog:N`: N transactions with their navigation events produced first to fresh topics,
-  then a second fraudstream (its own group) started on them: the time to answer them all is
-  the unthrottled throughput, transactions and navigation events applied per second.
+- `rate:R`: R transactions/s and their navigation events for --seconds.
+- `spike:B`: B tx/s for 20 s, 10 x B for 30 s ("Black Friday"), B again for 60 s: the peak
+  lag and the time from the end of the spike until the lag is back under 1 s of the base rate.
+- `backlog:N`: N transactions (and, with --navigation, their navigation events) produced first
+  as fast as the tool can, then a second fraudstream started on them: the time to answer them
+  all is the unthrottled throughput.
+- `floor`: Kafka's EndToEndLatency (produce one record, consume it, repeat) on this broker: the
+  latency floor under any consumer of it.
 
-Per phase: achieved transactions/s, latency p50/p99/p99.9/max, peak lag, and the scorer's CPU
-seconds per 100k transactions (utime + stime from /proc) and its peak resident memory (VmHWM).
+Per phase: transactions/s, latency p50/p99/p99.9/max, peak lag, CPU seconds per 100k
+transactions of the scorer and of the broker (utime + stime from /proc), peak resident memory
+of the scorer (VmHWM).
 """
 
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,13 +34,12 @@ import threading
 import time
 import urllib.request
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from workload import Shop, encode  # noqa: E402
-
 TICK = os.sysconf("SC_CLK_TCK")
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 
 
 def pct(sorted_values, p):
@@ -42,16 +48,33 @@ def pct(sorted_values, p):
     return sorted_values[min(len(sorted_values) - 1, int(p * len(sorted_values)))]
 
 
-def proc_stats(pid):
+def proc_cpu(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / TICK
-    hwm = 0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def proc_hwm(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
-                hwm = int(line.split()[1]) * 1024
-    return cpu, hwm
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def kafka_tool(name, *tool_args):
+    """One of Kafka's command-line tools (scripts/kafka-cli)."""
+    return subprocess.Popen([os.path.join(REPO, "scripts", "kafka-cli"), name, *tool_args],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def perf_test(args, topic, records, rate, payload):
+    """kafka-producer-perf-test, unkeyed records picked at random from `payload`."""
+    return kafka_tool("kafka-producer-perf-test",
+                      "--topic", topic, "--num-records", str(int(records)),
+                      "--throughput", str(int(rate)), "--payload-file", payload,
+                      "--producer-props", f"bootstrap.servers={args.bootstrap}", "acks=all",
+                      "linger.ms=5", "batch.size=65536")
 
 
 class Scorer:
@@ -80,10 +103,11 @@ class Scorer:
                    FRAUDSTREAM__TOPICS__LABELS=self.topics["labels"],
                    FRAUDSTREAM__TOPICS__BLOCKLIST=self.topics["blocklist"],
                    FRAUDSTREAM__METRICS__LISTEN=self.metrics,
+                   FRAUDSTREAM__PROCESSING__GUARANTEE=self.args.guarantee,
                    FRAUDSTREAM__STATE__PATH=f"/tmp/{self.run}-state", RUST_LOG="warn")
         self.log = open(f"/tmp/{self.run}.log", "w")
         self.proc = subprocess.Popen([self.args.bin, "run", "--config", "docs/fraudstream.toml"],
-                                     env=env, stdout=subprocess.DEVNULL, stderr=self.log)
+                                     env=env, stdout=subprocess.DEVNULL, stderr=self.log, cwd=REPO)
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
@@ -100,95 +124,42 @@ class Scorer:
 
 
 class Reader(threading.Thread):
-    """Reads verdicts; a transaction id carries its send time in ms (`b<ms>-<n>`)."""
+    """Reads verdicts (read_committed); latency = read time - the record's timestamp."""
 
     def __init__(self, args, topic, partitions):
         super().__init__(daemon=True)
         self.c = Consumer({"bootstrap.servers": args.bootstrap, "group.id": f"e2e-reader-{time.time_ns()}",
-                           "enable.auto.commit": False, "fetch.wait.max.ms": 10})
+                           "enable.auto.commit": False, "isolation.level": "read_committed"})
         self.c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
-        self.samples = []  # (read time s, latency ms, event time ms)
-        self.seen = set()
+        self.samples = []  # (read time s, latency ms)
         self.stopped = False
 
     def run(self):
         while not self.stopped:
-            for m in self.c.consume(1000, 0.05):
+            msgs = self.c.consume(2000, 0.05)
+            now = time.time()
+            for m in msgs:
                 if m.error():
                     continue
-                k = m.key()
-                if k in self.seen:
-                    continue
-                self.seen.add(k)
-                now = time.time()
-                sent = int(k[1:k.index(b"-")])
-                self.samples.append((now, now * 1000 - sent, sent))
+                self.samples.append((now, now * 1000 - m.timestamp()[1]))
 
 
-def stamped(events, now_ms, n):
-    """A purchase's events, the last one at `now_ms`; each transaction id carries the send
-    time (`b<now_ms>-...`), from which the reader measures latency."""
-    out = []
-    end = max(e[2]["event_time"] for e in events)
-    for kind, key, ev in events:
-        ev = dict(ev)
-        ev["event_time"] = now_ms - (end - ev["event_time"])
-        if kind == "tx":
-            ev["transaction_id"] = f"b{now_ms}-{n}-{ev['transaction_id']}"
-        out.append((kind, key, encode(ev)))
-    return out
-
-
-def produce(producer, scorer, shop, schedule, reader, start, sample_every=0.1):
-    """Sends purchases at the rate `schedule(t)` (tx/s at t seconds into the phase) until it
-    returns None; returns (transactions sent, lag samples [(t, in flight)])."""
-    t0 = time.time()
-    sent, due, lag = 0, 0.0, []
-    last_sample = last = 0.0
-    n = 0
-    while True:
-        t = time.time() - t0
-        rate = schedule(t)
-        if rate is None:
-            break
-        due += rate * (t - last)
-        last = t
-        while sent < due:
-            n += 1
-            for kind, key, value in stamped(shop.purchase(0), int(time.time() * 1000), n):
-                topic = scorer.topics["transactions" if kind == "tx" else "navigation"]
-                while True:
-                    try:
-                        producer.produce(topic, key=key, value=value)
-                        break
-                    except BufferError:
-                        producer.poll(0.001)
-                if kind == "tx":
-                    sent += 1
-        producer.poll(0)
-        if t - last_sample >= sample_every:
-            lag.append((t, sent - (len(reader.samples) - start)))
-            last_sample = t
-        time.sleep(max(0.0, 0.005 - (time.time() - t0 - t)))
-    producer.flush(30)
-    return sent, lag, t0
-
-
-def summarise(name, reader, start_index, sent, t0, t_end, cpu, hwm, lag):
-    lat = sorted(s[1] for s in reader.samples[start_index:])
-    got = len(reader.samples) - start_index
+def summarise(name, samples, sent, t0, t_end, cpu, broker_cpu, hwm, lag):
+    lat = sorted(s[1] for s in samples)
+    got = len(samples)
     secs = max(1e-9, t_end - t0)
+    per = 100000 / max(1, got)
     return {
         "phase": name, "sent": sent, "verdicts": got, "tx_per_s": round(got / secs, 1),
         "p50_ms": round(pct(lat, 0.5), 1), "p99_ms": round(pct(lat, 0.99), 1),
         "p999_ms": round(pct(lat, 0.999), 1), "max_ms": round(lat[-1], 1) if lat else None,
-        "peak_lag": max((l for _, l in lag), default=0),
-        "cpu_s_per_100k": round(cpu / max(1, got) * 100000, 2), "peak_rss_mb": round(hwm / 2**20, 1),
+        "peak_lag": max((v for _, v in lag), default=0),
+        "cpu_s_per_100k": round(cpu * per, 2), "broker_cpu_s_per_100k": round(broker_cpu * per, 2),
+        "peak_rss_mb": round(hwm / 2**20, 1),
     }
 
 
 def wait_answered(reader, target, timeout, lag=None, t0=0.0):
-    """Waits until `target` verdicts have been read; with `lag`, goes on sampling it."""
     deadline = time.time() + timeout
     while len(reader.samples) < target and time.time() < deadline:
         time.sleep(0.1)
@@ -197,115 +168,155 @@ def wait_answered(reader, target, timeout, lag=None, t0=0.0):
     return time.time()
 
 
+def live(args, scorer, reader, schedule, name):
+    """Sends at the rates of `schedule` [(seconds, tx/s)], perf-test processes per step;
+    returns the phase's summary and timeline."""
+    start = len(reader.samples)
+    cpu0, bcpu0 = proc_cpu(scorer.proc.pid), proc_cpu(args.broker_pid)
+    t0 = time.time()
+    sent, lag = 0, []
+    for seconds, rate in schedule:
+        tx = perf_test(args, scorer.topics["transactions"], seconds * rate, rate, args.tx_payload)
+        nav = perf_test(args, scorer.topics["navigation"], seconds * rate * args.nav_ratio,
+                        rate * args.nav_ratio, args.nav_payload)
+        step_end = time.time() + seconds
+        while tx.poll() is None:
+            time.sleep(0.1)
+            lag.append((time.time() - t0, sent + (time.time() - (step_end - seconds)) * rate
+                        - (len(reader.samples) - start)))
+        nav.wait()
+        sent += int(seconds * rate)
+    t_end = wait_answered(reader, start + sent, 300, lag, t0)
+    if name.startswith("rate:"):
+        t_end = t0 + sum(s for s, _ in schedule)
+    cpu, bcpu = proc_cpu(scorer.proc.pid) - cpu0, proc_cpu(args.broker_pid) - bcpu0
+    r = summarise(name, reader.samples[start:], sent, t0, t_end, cpu, bcpu, proc_hwm(scorer.proc.pid), lag)
+    return r, (name, t0, reader.samples[start:], lag)
+
+
+def floor(args):
+    """EndToEndLatency: one record produced and consumed at a time, acks=all, 200 bytes."""
+    topic = f"e2e-floor-{int(time.time())}"
+    AdminClient({"bootstrap.servers": args.bootstrap}).create_topics([NewTopic(topic, 1, 1)])[topic].result()
+    p = kafka_tool("kafka-e2e-latency", args.bootstrap, topic, "5000", "all", "200")
+    out, _ = p.communicate(timeout=300)
+    figures = {"phase": "floor", "tool": "EndToEndLatency 5000 records, acks=all, 200 B"}
+    m = re.search(r"Avg latency: ([\d.]+) ms", out)
+    if m:
+        figures["avg_ms"] = float(m.group(1))
+    m = re.search(r"Percentiles: 50th = (\d+), 99th = (\d+), 99.9th = (\d+)", out)
+    if m:
+        figures.update(p50_ms=int(m.group(1)), p99_ms=int(m.group(2)), p999_ms=int(m.group(3)))
+    return figures
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bootstrap", default="127.0.0.1:9092")
     ap.add_argument("--bin", required=True)
-    ap.add_argument("--phases", default="rate:1000,rate:5000,spike:500,backlog:100000")
+    ap.add_argument("--broker-pid", type=int, required=True)
+    ap.add_argument("--payloads", required=True, help="directory of gen_payloads.py's files")
+    ap.add_argument("--phases", default="floor,rate:1000,rate:5000,spike:500,backlog:100000")
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--guarantee", default="exactly-once", choices=["exactly-once", "at-least-once"])
+    ap.add_argument("--navigation", action=argparse.BooleanOptionalAction, default=True,
+                    help="navigation events beside the transactions (default on)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
+    args.tx_payload = os.path.join(args.payloads, "transactions.jsonl")
+    args.nav_payload = os.path.join(args.payloads, "navigation.jsonl")
+    with open(args.tx_payload) as f:
+        n_tx = sum(1 for _ in f)
+    with open(args.nav_payload) as f:
+        n_nav = sum(1 for _ in f)
+    args.nav_ratio = n_nav / n_tx if args.navigation else 0
 
     run = f"e2e-{int(time.time())}"
-    shop = Shop(seed=7)
-    producer = Producer({"bootstrap.servers": args.bootstrap, "linger.ms": 5,
-                         "partitioner": "murmur2_random", "queue.buffering.max.messages": 1000000})
     results, timeline = [], []
-    live = None
+    scorer = reader = None
     for phase in args.phases.split(","):
-        kind, value = phase.split(":")
-        value = float(value)
-        if kind in ("rate", "spike"):
-            if live is None:
-                live = Scorer(args, run, args.partitions)
-                live.start()
-                live_reader = Reader(args, live.topics["verdicts"], args.partitions)
-                live_reader.start()
-                time.sleep(2)
-            start = len(live_reader.samples)
-            cpu0, _ = proc_stats(live.proc.pid)
-            if kind == "rate":
-                sched = (lambda t, r=value: r if t < args.seconds else None)
-            else:
-                sched = (lambda t, b=value: b if t < 20 else 10 * b if t < 50 else b if t < 110 else None)
-            sent, lag, t0 = produce(producer, live, shop, sched, live_reader, start)
-            # Everything answered (or 60 s more), then CPU and memory of the phase.
-            t_end = wait_answered(live_reader, start + sent, 300, lag, t0)
-            if kind == "rate":
-                t_end = t0 + args.seconds
-            cpu1, hwm = proc_stats(live.proc.pid)
-            r = summarise(phase, live_reader, start, sent, t0, t_end, cpu1 - cpu0, hwm, lag)
+        kind, _, value = phase.partition(":")
+        if kind == "floor":
+            r = floor(args)
+        elif kind in ("rate", "spike"):
+            value = float(value)
+            if scorer is None:
+                scorer = Scorer(args, run, args.partitions)
+                scorer.start()
+                reader = Reader(args, scorer.topics["verdicts"], args.partitions)
+                reader.start()
+            schedule = ([(args.seconds, value)] if kind == "rate"
+                        else [(20, value), (30, 10 * value), (60, value)])
+            r, line = live(args, scorer, reader, schedule, phase)
             if kind == "spike":
-                base = value
-                after = [t for t, l in lag if t >= 50 and l <= base]
+                after = [t for t, v in line[3] if t >= 50 and v <= value]
                 r["catch_up_s"] = round(after[0] - 50, 1) if after else None
-            timeline.append((phase, t0, live_reader.samples[start:], lag))
+            timeline.append(line)
         elif kind == "backlog":
             n = int(value)
             b = Scorer(args, f"{run}-backlog", args.partitions)
-            sent = navs = 0
-            now = int(time.time() * 1000)
-            i = 0
-            while sent < n:
-                i += 1
-                for k, key, v in stamped(shop.purchase(0), now + i // 10, i):
-                    producer.produce(b.topics["transactions" if k == "tx" else "navigation"], key=key, value=v)
-                    sent += k == "tx"
-                    navs += k == "nav"
-                    producer.poll(0)
-            producer.flush(120)
-            reader = Reader(args, b.topics["verdicts"], args.partitions)
-            reader.start()
+            producers = [perf_test(args, b.topics["transactions"], n, -1, args.tx_payload)]
+            if args.nav_ratio:
+                producers.append(perf_test(args, b.topics["navigation"], n * args.nav_ratio, -1, args.nav_payload))
+            for p in producers:
+                last = p.communicate()[0].strip().splitlines()[-1:]
+                print(f"perf-test: {' '.join(last)}", file=sys.stderr)
+            rd = Reader(args, b.topics["verdicts"], args.partitions)
+            rd.start()
             t0 = time.time()
             b.start()
-            cpu0, _ = proc_stats(b.proc.pid)
-            t_end = wait_answered(reader, sent, 600)
-            cpu1, hwm = proc_stats(b.proc.pid)
-            r = summarise(phase, reader, 0, sent, t0, t_end, cpu1 - cpu0, hwm, [])
+            cpu0, bcpu0 = proc_cpu(b.proc.pid), proc_cpu(args.broker_pid)
+            t_end = wait_answered(rd, n, 900)
+            cpu, bcpu = proc_cpu(b.proc.pid) - cpu0, proc_cpu(args.broker_pid) - bcpu0
+            r = summarise(phase, rd.samples, n, t0, t_end, cpu, bcpu, proc_hwm(b.proc.pid), [])
+            navs = int(n * args.nav_ratio)
             r["navigation"] = navs
-            r["nav_per_s"] = round(navs / max(1e-9, t_end - t0), 1)
-            r["startup_s"] = round(reader.samples[0][0] - t0, 1) if reader.samples else None
+            r["startup_s"] = round(rd.samples[0][0] - t0, 1) if rd.samples else None
             # From the first verdict to the last: the drain without the start-up.
-            drain = max(1e-9, reader.samples[-1][0] - reader.samples[0][0]) if reader.samples else 1e-9
-            r["drain_tx_per_s"] = round(sent / drain, 1)
+            drain = max(1e-9, rd.samples[-1][0] - rd.samples[0][0]) if rd.samples else 1e-9
+            r["drain_tx_per_s"] = round(n / drain, 1)
             r["drain_nav_per_s"] = round(navs / drain, 1)
-            r["note"] = "tx_per_s and nav_per_s include the start-up; drain_* do not"
-            r.pop("p50_ms"), r.pop("p99_ms"), r.pop("p999_ms"), r.pop("max_ms")
-            reader.stopped = True
+            for k in ("p50_ms", "p99_ms", "p999_ms", "max_ms"):
+                r.pop(k)
+            rd.stopped = True
             b.stop()
         else:
             sys.exit(f"unknown phase {phase}")
+        r["guarantee"] = args.guarantee
         results.append(r)
         print(json.dumps(r), flush=True)
-    if live is not None:
-        live_reader.stopped = True
-        live.stop()
+    if scorer is not None:
+        reader.stopped = True
+        scorer.stop()
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{run}.json"), "w") as f:
-        json.dump({"run": run, "partitions": args.partitions, "results": results}, f, indent=1)
+        json.dump({"run": run, "partitions": args.partitions, "guarantee": args.guarantee,
+                   "navigation_per_tx": round(args.nav_ratio, 2), "results": results}, f, indent=1)
     if timeline:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(len(timeline), 1, figsize=(9, 3 * len(timeline)), squeeze=False)
         for ax, (phase, t0, samples, lag) in zip(axes[:, 0], timeline):
-            ax.plot([s[0] - t0 for s in samples], [s[1] for s in samples], ",", alpha=0.5, label="latency (ms)")
+            ax.plot([s[0] - t0 for s in samples], [max(0.1, s[1]) for s in samples], ",", alpha=0.5)
             ax.set_yscale("log")
             ax.set_ylabel("latency, ms")
             ax2 = ax.twinx()
-            ax2.plot([t for t, _ in lag], [l for _, l in lag], color="tab:red", label="lag (tx)")
+            ax2.plot([t for t, _ in lag], [v for _, v in lag], color="tab:red")
             ax2.set_ylabel("lag, transactions")
-            ax.set_title(phase)
+            ax.set_title(f"{phase} ({args.guarantee})")
             ax.set_xlabel("seconds")
         fig.tight_layout()
         fig.savefig(os.path.join(args.out, f"{run}.png"), dpi=90)
-    print(f"{'phase':<16}{'tx/s':>9}{'p50 ms':>10}{'p99':>10}{'p99.9':>10}{'max':>10}{'lag':>8}{'cpu/100k':>10}{'rss MB':>8}")
+    print(f"{'phase':<16}{'tx/s':>9}{'p50 ms':>9}{'p99':>9}{'p99.9':>9}{'max':>9}{'lag':>8}"
+          f"{'cpu/100k':>10}{'broker':>8}{'rss MB':>8}")
     for r in results:
-        print(f"{r['phase']:<16}{r['tx_per_s']:>9}{str(r.get('p50_ms', '-')):>10}{str(r.get('p99_ms', '-')):>10}"
-              f"{str(r.get('p999_ms', '-')):>10}{str(r.get('max_ms', '-')):>10}{r['peak_lag']:>8}"
-              f"{r['cpu_s_per_100k']:>10}{r['peak_rss_mb']:>8}")
+        print(f"{r['phase']:<16}{str(r.get('tx_per_s', '-')):>9}{str(r.get('p50_ms', '-')):>9}"
+              f"{str(r.get('p99_ms', '-')):>9}{str(r.get('p999_ms', '-')):>9}{str(r.get('max_ms', '-')):>9}"
+              f"{str(r.get('peak_lag', '-')):>8}{str(r.get('cpu_s_per_100k', '-')):>10}"
+              f"{str(r.get('broker_cpu_s_per_100k', '-')):>8}{str(r.get('peak_rss_mb', '-')):>8}")
     print(f"results: {args.out}/{run}.json, plot: {args.out}/{run}.png")
 
 

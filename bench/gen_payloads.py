@@ -1,6 +1,6 @@
 """Writes payload files of realistic transactions and navigation events (bench/workload.py:
 customers who browse then buy, card-testing bursts, account takeovers, amount spikes), one
-JSON object per line, for `kafka-producer-perf-test --payload-file` or `producer-perf`.
+JSON object per line, for `kafka-producer-perf-test --payload-file` (`scripts/kafka-cli`).
 
     python bench/gen_payloads.py --transactions 100000 --out DIR [--rate 1000] [--seed 1]
 

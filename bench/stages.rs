@@ -86,7 +86,9 @@ fn features(c: &mut Criterion) {
     let mut rows = Vec::new();
     let mut batch = StateBatch::default();
     apply(&txs, &mut batch, &mut rows);
-    store.commit(&batch).unwrap();
+    store
+        .commit(&batch, &std::collections::BTreeMap::new(), 0)
+        .unwrap();
     let mut g = c.benchmark_group("features");
     g.throughput(Throughput::Elements(1000));
     // 1,000 transactions per iteration, each computed from the committed state (a fresh

@@ -1,6 +1,6 @@
 """A synthetic shop: customers who browse and buy, and three fraud patterns, as the JSON
 transactions and navigation events fraudstream reads. Used by `gen_payloads.py` (files for
-`kafka-producer-perf-test --payload-file` / `producer-perf`) and by `e2e.py` (live load).
+`kafka-producer-perf-test --payload-file`).
 
 Each purchase is a session: page and product views, cart adds (10 navigation events per
 purchase on average), then the payment with the session id, the customer's device, IP, card

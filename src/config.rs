@@ -56,8 +56,10 @@ pub struct Settings {
     pub input: InputSettings,
     /// How verdicts are encoded.
     pub output: OutputSettings,
-    /// Micro-batching: the unit of scoring, producing and offset storage.
+    /// Micro-batching: the unit of scoring.
     pub batch: BatchSettings,
+    /// The processing guarantee and how often it commits.
+    pub processing: ProcessingSettings,
     /// The HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
     pub metrics: MetricsSettings,
     /// Where per-entity state lives and how identifiers are hashed.
@@ -81,6 +83,7 @@ impl Default for Settings {
             input: InputSettings::default(),
             output: OutputSettings::default(),
             batch: BatchSettings::default(),
+            processing: ProcessingSettings::default(),
             metrics: MetricsSettings::default(),
             state: StateSettings::default(),
             kafka: BTreeMap::new(),
@@ -288,6 +291,38 @@ impl Default for BatchSettings {
     }
 }
 
+/// What a consumer of the verdicts topic can count on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Guarantee {
+    /// Kafka Streams' `exactly_once_v2`: verdicts, dead letters, repartitioned records,
+    /// changelog and input offsets are committed in one Kafka transaction; a `read_committed`
+    /// reader sees each transaction's verdict once, after its commit.
+    ExactlyOnce,
+    /// Verdicts and dead letters are visible as soon as produced; after a crash a verdict may
+    /// come twice (identical). State, repartitioned records and offsets are still committed
+    /// in transactions: state is never applied twice.
+    AtLeastOnce,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct ProcessingSettings {
+    pub guarantee: Guarantee,
+    /// How often processed input is committed (one Kafka transaction), in milliseconds; also
+    /// on revoke and shutdown. With exactly-once, verdicts become visible at the commit.
+    pub commit_interval_ms: u64,
+}
+
+impl Default for ProcessingSettings {
+    fn default() -> Self {
+        ProcessingSettings {
+            guarantee: Guarantee::ExactlyOnce,
+            commit_interval_ms: 100,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct MetricsSettings {
@@ -314,9 +349,6 @@ pub struct StateSettings {
     /// Key for the HMAC that replaces every customer, merchant, card, e-mail, device and IP
     /// identifier in state. Text, or `{ file = "PATH" }`. Changing it orphans existing state.
     pub hmac_secret: KafkaValue,
-    /// Write every state change to the changelog topic and restore from it on assignment,
-    /// so state follows partitions between instances. Off: state is local to an instance.
-    pub changelog: bool,
 }
 
 impl Default for StateSettings {
@@ -324,7 +356,6 @@ impl Default for StateSettings {
         StateSettings {
             path: PathBuf::from("fraudstream-state"),
             hmac_secret: KafkaValue::Text(DEV_HMAC_SECRET.into()),
-            changelog: true,
         }
     }
 }
@@ -338,7 +369,6 @@ impl std::fmt::Debug for StateSettings {
         f.debug_struct("StateSettings")
             .field("path", &self.path)
             .field("hmac_secret", &secret)
-            .field("changelog", &self.changelog)
             .finish()
     }
 }
@@ -460,6 +490,9 @@ impl Settings {
         if t.transactions == t.verdicts || t.transactions == t.dead_letter {
             return bad("`topics.transactions` must differ from the output topics".into());
         }
+        if self.processing.commit_interval_ms == 0 {
+            return bad("`processing.commit-interval-ms` must be at least 1".into());
+        }
         if self.batch.max_records == 0 {
             return bad("`batch.max-records` must be at least 1".into());
         }
@@ -484,10 +517,28 @@ impl Settings {
             ("kafka", &self.kafka),
             ("kafka-consumer", &self.kafka_consumer),
         ] {
-            if map.contains_key("enable.auto.offset.store") {
-                return bad(format!(
-                    "`{table}.\"enable.auto.offset.store\"` cannot be set: fraudstream stores offsets itself, after the broker acknowledges the batch's output"
-                ));
+            for key in [
+                "enable.auto.offset.store",
+                "enable.auto.commit",
+                "isolation.level",
+            ] {
+                if map.contains_key(key) {
+                    return bad(format!(
+                        "`{table}.\"{key}\"` cannot be set: fraudstream commits input offsets in its own transactions and reads committed records only"
+                    ));
+                }
+            }
+        }
+        for key in ["transactional.id", "enable.idempotence"] {
+            for (table, map) in [
+                ("kafka", &self.kafka),
+                ("kafka-producer", &self.kafka_producer),
+            ] {
+                if map.contains_key(key) {
+                    return bad(format!(
+                        "`{table}.\"{key}\"` cannot be set: fraudstream's producers are transactional (processing.guarantee)"
+                    ));
+                }
             }
         }
         for key in ["bootstrap.servers", "group.id"] {
@@ -661,7 +712,9 @@ mod tests {
             &[],
         )
         .unwrap_err();
-        assert!(err.to_string().contains("stores offsets itself"), "{err}");
+        assert!(err.to_string().contains("commits input offsets"), "{err}");
+        let err = load_str("[kafka-producer]\n\"transactional.id\" = \"x\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("transactional"), "{err}");
         let err = load_str("[input.schema-ids]\nabc = \"x.avsc\"\n", &[]).unwrap_err();
         assert!(err.to_string().contains("abc"), "{err}");
     }

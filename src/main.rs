@@ -39,9 +39,9 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Export the state the changelog topic holds (every entity's latest value up to each
-    /// partition's last marker) as sorted `partition key value` lines in hex, to compare the
-    /// state of two runs.
+    /// Export the state the changelog topic holds (every entity's latest value, as
+    /// read_committed readers see it) as sorted `partition key value` lines in hex, to compare
+    /// the state of two runs.
     StateExport {
         #[arg(long)]
         config: Option<PathBuf>,
@@ -167,14 +167,14 @@ fn main() -> ExitCode {
             };
         }
         Command::StateExport { output, .. } => {
-            let result = fraudstream::source::restore::Restorer::new(&settings).and_then(|r| {
-                if output.as_os_str() == "-" {
-                    r.export(&mut std::io::stdout().lock())
-                } else {
-                    let mut f = std::io::BufWriter::new(std::fs::File::create(output)?);
-                    r.export(&mut f)
-                }
-            });
+            use fraudstream::pipeline::rebalance::export;
+            let result = if output.as_os_str() == "-" {
+                export(&settings, &mut std::io::stdout().lock())
+            } else {
+                std::fs::File::create(output)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|f| export(&settings, &mut std::io::BufWriter::new(f)))
+            };
             return match result {
                 Ok(n) => {
                     eprintln!(
@@ -198,7 +198,7 @@ fn main() -> ExitCode {
                 fraudstream::validate::validate(&settings, std::time::Duration::from_secs(timeout));
             let problems = findings
                 .iter()
-                .filter(|f| f.level == fraudstream::validate::Level::Problem)
+                .filter(|f| f.level == fraudstream::pipeline::topology::Level::Problem)
                 .count();
             println!(
                 "ok       config {}",

@@ -1,9 +1,7 @@
 //! `fraudstream validate`: the checks to run before a deploy. Everything `run` would refuse
-//! at start, plus what it would only discover later, reported as one list instead of the
-//! first error: the model (and shadow) against the feature registry, the rules file, the
-//! Avro schemas, broker
-//! reachability, the topics and their partition counts (navigation must be co-partitioned
-//! with transactions).
+//! at start, reported as one list instead of the first error: the model (and shadow)
+//! against the feature registry, the rules file, the Avro schemas, broker reachability, and
+//! the topics (the same check `run` makes: [`topology::check`]).
 
 use std::time::Duration;
 
@@ -14,50 +12,16 @@ use crate::decision::rules::RuleSet;
 use crate::decode::Decoder;
 use crate::features::REGISTRY_VERSION;
 use crate::model::{self, Model};
+use crate::pipeline::topology;
 use crate::source;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Level {
-    Ok,
-    Warning,
-    Problem,
-}
-
-/// One line of the report.
-#[derive(Debug, Clone)]
-pub struct Finding {
-    pub level: Level,
-    pub message: String,
-}
-
-impl std::fmt::Display for Finding {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let tag = match self.level {
-            Level::Ok => "ok",
-            Level::Warning => "warning",
-            Level::Problem => "problem",
-        };
-        write!(f, "{tag:<8} {}", self.message)
-    }
-}
+pub use crate::pipeline::topology::{Finding, Level};
 
 fn ok(message: String) -> Finding {
-    Finding {
-        level: Level::Ok,
-        message,
-    }
-}
-fn warning(message: String) -> Finding {
-    Finding {
-        level: Level::Warning,
-        message,
-    }
+    Finding::ok(message)
 }
 fn problem(message: String) -> Finding {
-    Finding {
-        level: Level::Problem,
-        message,
-    }
+    Finding::problem(message)
 }
 
 /// Runs every check; `metadata_timeout` bounds the wait for the brokers.
@@ -135,39 +99,7 @@ pub fn validate(settings: &Settings, metadata_timeout: Duration) -> Vec<Finding>
         settings.brokers,
         md.brokers().len()
     )));
-    let partitions = |name: &str| {
-        md.topics()
-            .iter()
-            .find(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
-            .map(|t| t.partitions().len())
-    };
-    let topics = &settings.topics;
-    let tx_partitions = partitions(&topics.transactions);
-    for (key, name) in [
-        ("transactions", &topics.transactions),
-        ("verdicts", &topics.verdicts),
-        ("dead-letter", &topics.dead_letter),
-    ] {
-        match partitions(name) {
-            Some(n) => out.push(ok(format!("topic {key} `{name}`: {n} partitions"))),
-            None => out.push(problem(format!(
-                "topic {key} `{name}`: does not exist (create it before starting)"
-            ))),
-        }
-    }
-    match (partitions(&topics.navigation), tx_partitions) {
-        (Some(n), Some(t)) if n != t => out.push(problem(format!(
-            "topic navigation `{}`: {n} partitions, but transactions has {t}; they must be co-partitioned (same key, same count)",
-            topics.navigation
-        ))),
-        (Some(n), _) => out.push(ok(format!(
-            "topic navigation `{}`: {n} partitions, co-partitioned with transactions",
-            topics.navigation
-        ))),
-        (None, _) => out.push(warning(format!(
-            "topic navigation `{}`: does not exist (not read yet; needed by the navigation features)",
-            topics.navigation
-        ))),
-    }
+    // The topics, exactly as `run` checks them at start.
+    out.extend(topology::check(settings, &md).1);
     out
 }

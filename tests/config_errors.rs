@@ -67,7 +67,7 @@ async fn missing_topic_is_named() {
     );
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains(&format!("topic `{missing}` does not exist")),
+        err.contains(&format!("`{missing}`: does not exist")),
         "{err}"
     );
 }

@@ -48,7 +48,7 @@ async fn stop_and_restart(test: &str, signal: &str) -> (Reader, usize) {
             "exit {status:?}; log:\n{}",
             first.log_text()
         );
-        assert!(first.log_text().contains("Offsets committed."));
+        assert!(first.log_text().contains("Committed; leaving the group."));
     }
     reader.drain_for(Duration::from_secs(1)).await;
     let before_restart = reader.messages.len();
@@ -96,5 +96,7 @@ async fn sigterm_mid_stream_drains_commits_and_restart_resumes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_and_restart_loses_nothing_and_duplicates_are_identical() {
     let (_, duplicates) = stop_and_restart("sigkill", "KILL").await;
-    eprintln!("SIGKILL restart re-delivered {duplicates} verdicts (identical)");
+    // Exactly once (the default): the killed instance's open transaction was aborted, so a
+    // read_committed reader sees no verdict twice.
+    assert_eq!(duplicates, 0);
 }

@@ -1,4 +1,4 @@
-//! Integration tests: the real `fraudstream` binary against the real local broker (started
+//! Integration tests: the real `fraudstream` binary against Apache Kafka (a broker started
 //! by `scripts/test`), with random topic and group names so tests never collide.
 
 mod util;
@@ -7,6 +7,8 @@ mod chaos;
 mod config_errors;
 mod dead_letter;
 mod decision;
+mod eos;
+mod kafka;
 mod operations;
 mod parity;
 mod reload;

@@ -1,8 +1,8 @@
-//! fraudstream over TLS: a second local broker that only accepts TLS, certificates made by
-//! the test, and librdkafka's TLS settings passed through `[kafka]`.
+//! fraudstream over TLS: a second Apache Kafka broker whose client listener only accepts TLS,
+//! certificates made by the test, and librdkafka's TLS settings passed through `[kafka]`.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -89,46 +89,13 @@ fn make_certs(dir: &Path) {
     );
 }
 
-struct Broker(Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn scores_over_tls() {
-    let nisshi =
-        std::env::var("FRAUDSTREAM_NISSHI").expect("FRAUDSTREAM_NISSHI (scripts/test sets it)");
     let dir = std::env::temp_dir().join(unique("tls"));
     std::fs::create_dir_all(&dir).unwrap();
     make_certs(&dir);
-    let addr = format!("127.0.0.1:{}", free_port());
-    let _broker = Broker(
-        Command::new(nisshi)
-            .args([
-                "broker",
-                "--listener-url",
-                &format!("tcp://{addr}"),
-                "--advertised-listener-url",
-                &format!("tcp://{addr}"),
-            ])
-            .args(["--storage-engine", "memory://nisshi/", "--cert"])
-            .arg(dir.join("server.pem"))
-            .arg("--key")
-            .arg(dir.join("server.key"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("broker.log")).unwrap())
-            .spawn()
-            .expect("start the TLS broker"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "TLS broker did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let broker = LocalBroker::start_tls(&dir, &dir.join("server.pem"), &dir.join("server.key"));
+    let addr = broker.address();
     let ca = dir.join("ca.pem");
     let tls = |c: &mut ClientConfig| {
         c.set("bootstrap.servers", &addr)
@@ -209,7 +176,6 @@ async fn scores_over_tls() {
     let reader: StreamConsumer = cfg
         .set("group.id", unique("tls-reader"))
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10")
         .create()
         .unwrap();
     reader.subscribe(&[&verdicts]).unwrap();

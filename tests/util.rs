@@ -14,7 +14,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 pub fn brokers() -> String {
     std::env::var("FRAUDSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
@@ -75,13 +75,36 @@ pub async fn topics(test: &str, partitions: i32) -> Topics {
 
 /// Creates topics with the given partition counts.
 pub async fn create_topics(topics: &[(&str, i32)]) {
+    let plain: Vec<NewTopicSpec> = topics.iter().map(|(n, p)| (*n, *p, &[][..])).collect();
+    create_topics_with(&plain).await;
+}
+
+/// Compaction that a test can watch happen: segments roll every 100 ms and the cleaner
+/// takes any of them (the test broker's cleaner looks every second).
+pub const COMPACT_SOON: &[(&str, &str)] = &[
+    ("cleanup.policy", "compact"),
+    ("segment.ms", "100"),
+    ("min.cleanable.dirty.ratio", "0.001"),
+    ("delete.retention.ms", "100"),
+];
+
+/// A topic to create: name, partitions, topic configs.
+pub type NewTopicSpec<'a> = (&'a str, i32, &'a [(&'a str, &'a str)]);
+
+/// Creates topics with partition counts and topic configs.
+pub async fn create_topics_with(topics: &[NewTopicSpec<'_>]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .create()
         .expect("admin client");
     let new: Vec<NewTopic> = topics
         .iter()
-        .map(|(name, p)| NewTopic::new(name, *p, TopicReplication::Fixed(1)))
+        .map(|(name, p, config)| {
+            config.iter().fold(
+                NewTopic::new(name, *p, TopicReplication::Fixed(1)),
+                |t, (k, v)| t.set(k, v),
+            )
+        })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = tokio::time::timeout(Duration::from_secs(20), admin.create_topics(&new, &opts))
@@ -130,6 +153,125 @@ pub async fn send(
     (d.partition, d.offset)
 }
 
+/// A producer as upstream systems that write in Kafka transactions use it.
+pub fn transactional_producer() -> FutureProducer {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("transactional.id", unique("upstream"))
+        .set("partitioner", "murmur2_random")
+        .create()
+        .expect("transactional producer");
+    p.init_transactions(Duration::from_secs(30))
+        .expect("init_transactions");
+    p
+}
+
+/// Produces `records` (topic, key, value) in one transaction, then commits or aborts it.
+pub async fn send_in_transaction(
+    p: &FutureProducer,
+    records: &[(&str, &str, Option<String>)],
+    commit: bool,
+) {
+    p.begin_transaction().expect("begin_transaction");
+    for (topic, key, value) in records {
+        send(
+            p,
+            topic,
+            Some(key.as_bytes()),
+            value.as_deref().map(str::as_bytes),
+        )
+        .await;
+    }
+    if commit {
+        p.commit_transaction(Duration::from_secs(30))
+            .expect("commit");
+    } else {
+        p.abort_transaction(Duration::from_secs(30)).expect("abort");
+    }
+}
+
+/// The sum of a topic's end offsets (high watermarks): how many records were ever written
+/// to it (transaction markers included), whatever compaction removed since.
+pub fn end_offsets(topic: &str) -> i64 {
+    use rdkafka::consumer::BaseConsumer;
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("consumer");
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    md.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| {
+            c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .expect("watermarks")
+                .1
+        })
+        .sum()
+}
+
+/// Every record of a topic now, from the start of each partition to its end, read
+/// `read_uncommitted` (what the log holds, compacted or not).
+pub fn read_all(topic: &str) -> Vec<OwnedMessage> {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::{Offset, TopicPartitionList};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("read-all"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .expect("consumer");
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for p in md.topics()[0].partitions() {
+        let (low, high) = c
+            .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+            .expect("watermarks");
+        if high > low {
+            ends.insert(p.id(), high);
+            tpl.add_partition_offset(topic, p.id(), Offset::Offset(low))
+                .unwrap();
+        }
+    }
+    let mut out = Vec::new();
+    if ends.is_empty() {
+        return out;
+    }
+    c.assign(&tpl).expect("assign");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ends.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "cannot read `{topic}` to its end"
+        );
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                if ends
+                    .get(&m.partition())
+                    .is_some_and(|e| m.offset() + 1 >= *e)
+                {
+                    ends.remove(&m.partition());
+                }
+                out.push(m.detach());
+            }
+            Some(Err(e)) => panic!("reading `{topic}`: {e}"),
+            None => {
+                // The rest of a partition may have been compacted away: its position tells.
+                ends.retain(|p, end| {
+                    fraudstream::source::position(&c, topic, *p).is_none_or(|pos| pos < *end)
+                });
+            }
+        }
+    }
+    out
+}
+
 /// Produces many records without waiting for each acknowledgement in turn.
 pub async fn send_all(p: &FutureProducer, topic: &str, records: &[(String, Vec<u8>)]) {
     let mut futures = Vec::with_capacity(records.len());
@@ -155,6 +297,76 @@ pub async fn send_all(p: &FutureProducer, topic: &str, records: &[(String, Vec<u
     }
 }
 
+/// An Apache Kafka broker of a test's own (`scripts/broker` on free ports), for a test that
+/// needs another listener; stopped when dropped.
+pub struct LocalBroker {
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl LocalBroker {
+    /// A broker whose client listener is TLS-only (PEM certificate and key).
+    pub fn start_tls(dir: &Path, cert: &Path, key: &Path) -> LocalBroker {
+        LocalBroker::launch(
+            dir,
+            &["--tls", cert.to_str().unwrap(), key.to_str().unwrap()],
+        )
+    }
+
+    fn launch(dir: &Path, extra: &[&str]) -> LocalBroker {
+        let b = LocalBroker {
+            // The controller takes port + 1, a TLS broker's internal listener port + 2.
+            port: free_ports(3),
+            dir: dir.join("broker"),
+        };
+        b.script("start", extra);
+        b
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn script(&self, command: &str, extra: &[&str]) {
+        let out = Command::new(repo().join("scripts/broker"))
+            .arg(command)
+            .args(["--port", &self.port.to_string()])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(extra)
+            .output()
+            .expect("scripts/broker");
+        assert!(
+            out.status.success(),
+            "scripts/broker {command} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for LocalBroker {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/broker"))
+            .args(["stop", "--port", &self.port.to_string()])
+            .arg("--dir")
+            .arg(&self.dir)
+            .output();
+    }
+}
+
+/// The first of `n` consecutive ports that are all free now.
+pub fn free_ports(n: u16) -> u16 {
+    loop {
+        let port = free_port();
+        if port.checked_add(n).is_none() {
+            continue;
+        }
+        if (1..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", port + i)).is_ok()) {
+            return port;
+        }
+    }
+}
+
 /// Reads a topic from the beginning with its own group.
 pub struct Reader {
     consumer: StreamConsumer,
@@ -168,7 +380,6 @@ impl Reader {
             .set("group.id", unique("reader"))
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "10")
             .create()
             .expect("reader");
         consumer.subscribe(&[topic]).expect("subscribe");
@@ -324,6 +535,11 @@ impl Scorer {
         assert!(ok, "kill -{sig} failed");
     }
 
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn running(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
     }
@@ -391,7 +607,11 @@ impl Scorer {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("metrics endpoint {} never answered", self.metrics);
+        panic!(
+            "metrics endpoint {} never answered; log:\n{}",
+            self.metrics,
+            self.log_text()
+        );
     }
 }
 
@@ -400,6 +620,37 @@ impl Drop for Scorer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `output.audit-features` on: every feature value goes into the verdict.
+pub const AUDIT: (&str, &str) = ("FRAUDSTREAM__OUTPUT__AUDIT_FEATURES", "true");
+/// 2026-11-22T10:00:00Z, the event time tests count from.
+pub const T0: i64 = 1_795_341_600_000;
+
+/// A web transaction with a session, an e-mail and the device `dev-{customer}`.
+pub fn tx(row: &SampleRow, id: &str, customer: &str, session: &str, email: &str, t: i64) -> String {
+    row.json(id, customer, t).replace(
+        "\"channel\":\"web\"",
+        &format!(
+            "\"channel\":\"web\",\"session_id\":\"{session}\",\"email\":\"{email}\",\"device_id\":\"dev-{customer}\""
+        ),
+    )
+}
+
+/// A navigation event.
+pub fn nav(id: &str, customer: &str, session: &str, kind: &str, t: i64, device: &str) -> String {
+    format!(
+        r#"{{"event_id":"{id}","event_time":{t},"customer_id":"{customer}","session_id":"{session}","kind":"{kind}","device_id":"{device}"}}"#
+    )
+}
+
+/// An audit feature of the first verdict of transaction `id`.
+pub fn feature(
+    v: &HashMap<String, Vec<fraudstream::decision::Verdict>>,
+    id: &str,
+    name: &str,
+) -> f32 {
+    v[id][0].features.as_ref().expect("audit features")[name]
 }
 
 /// One row of the committed ULB held-out sample.

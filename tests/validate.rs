@@ -35,6 +35,8 @@ async fn a_good_deployment_passes() {
         ("FRAUDSTREAM__TOPICS__VERDICTS", &t.verdicts),
         ("FRAUDSTREAM__TOPICS__DEAD_LETTER", &t.dead_letter),
         ("FRAUDSTREAM__TOPICS__NAVIGATION", &navigation),
+        ("FRAUDSTREAM__TOPICS__LABELS", &t.labels),
+        ("FRAUDSTREAM__TOPICS__BLOCKLIST", &t.blocklist),
     ]);
     assert!(ok, "{out}");
     assert!(out.contains("No problems."), "{out}");
@@ -63,6 +65,8 @@ async fn every_problem_is_listed() {
         ("FRAUDSTREAM__TOPICS__VERDICTS", &t.verdicts),
         ("FRAUDSTREAM__TOPICS__DEAD_LETTER", &missing),
         ("FRAUDSTREAM__TOPICS__NAVIGATION", &navigation),
+        ("FRAUDSTREAM__TOPICS__LABELS", &t.labels),
+        ("FRAUDSTREAM__TOPICS__BLOCKLIST", &t.blocklist),
         (
             "FRAUDSTREAM__MODEL__MANIFEST",
             bad_manifest.to_str().unwrap(),

@@ -90,7 +90,6 @@ def main():
         "bootstrap.servers": args.bootstrap,
         "group.id": f"demo-reader-{time.time_ns()}",
         "auto.offset.reset": "earliest",
-        "fetch.wait.max.ms": 10,
         "enable.auto.commit": False,
     })
     # Read every partition from the start without joining a group (no rebalance delay).

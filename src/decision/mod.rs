@@ -71,6 +71,50 @@ pub fn combine(
     d
 }
 
+/// What decides one scored transaction, for [`assemble`].
+pub struct Facts<'a> {
+    pub tx: &'a Transaction,
+    pub scored_at: i64,
+    pub model_version: &'a str,
+    pub thresholds: &'a Thresholds,
+    /// `None`: the model could not score (degraded); `degraded` says why.
+    pub score: Option<f32>,
+    pub degraded: Option<&'a Reason>,
+    /// The rules that fired, highest priority first: their actions and reasons.
+    pub fired: &'a [Decision],
+    pub rule_reasons: Vec<Reason>,
+    pub on_model_failure: Decision,
+}
+
+/// The verdict on a transaction of an enabled merchant: the decision by [`combine`], the
+/// reasons of the rules that fired, then either why the model was not used or, for a
+/// verdict that is not an approval, the model's own reasons (`explain`, asked only then:
+/// they cost more than the score).
+pub fn assemble(f: Facts<'_>, explain: impl FnOnce() -> Vec<Reason>) -> Verdict {
+    let decision = combine(
+        f.score.map(|s| f.thresholds.decide(s)),
+        f.fired,
+        f.on_model_failure,
+    );
+    let mut reasons = f.rule_reasons;
+    match f.score {
+        None => reasons.extend(f.degraded.cloned()),
+        Some(_) if decision != Decision::Approve => reasons.extend(explain()),
+        Some(_) => {}
+    }
+    let mut v = Verdict::new(
+        f.tx,
+        f.score.unwrap_or(-1.0),
+        f.thresholds,
+        f.model_version,
+        f.scored_at,
+    );
+    v.decision = decision;
+    v.degraded = f.score.is_none();
+    v.reasons = reasons;
+    v
+}
+
 /// Score thresholds from the model manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -376,6 +420,69 @@ mod tests {
         assert_eq!(T.decide(0.79), Decision::Review);
         assert_eq!(T.decide(0.8), Decision::Decline);
         assert_eq!(T.decide(1.0), Decision::Decline);
+    }
+
+    #[test]
+    fn assemble_explains_only_what_is_not_approved_and_says_why_without_the_model() {
+        let tx = Transaction {
+            transaction_id: "t".into(),
+            customer_id: "c".into(),
+            ..Transaction::default()
+        };
+        let rule = Reason {
+            code: "r".into(),
+            text: "rule".into(),
+        };
+        let model = || {
+            vec![Reason {
+                code: "feature:amount".into(),
+                text: "x".into(),
+            }]
+        };
+        let facts = |score, fired: &'static [Decision], degraded| Facts {
+            tx: &tx,
+            scored_at: 7,
+            model_version: "m1",
+            thresholds: &T,
+            score,
+            degraded,
+            fired,
+            rule_reasons: if fired.is_empty() {
+                vec![]
+            } else {
+                vec![rule.clone()]
+            },
+            on_model_failure: Decision::Review,
+        };
+        let v = assemble(facts(Some(0.1), &[], None), || {
+            panic!("approvals are not explained")
+        });
+        assert_eq!(
+            (v.decision, v.degraded, v.reasons.len()),
+            (Decision::Approve, false, 0)
+        );
+        let v = assemble(facts(Some(0.1), &[Decision::Decline], None), model);
+        assert_eq!(v.decision, Decision::Decline);
+        assert_eq!(
+            v.reasons
+                .iter()
+                .map(|r| r.code.as_str())
+                .collect::<Vec<_>>(),
+            ["r", "feature:amount"]
+        );
+        assert_eq!(v.model_version, "m1");
+        let why = Reason {
+            code: "model-unavailable".into(),
+            text: "down".into(),
+        };
+        let v = assemble(facts(None, &[], Some(&why)), || {
+            panic!("no model, no model reasons")
+        });
+        assert_eq!(
+            (v.decision, v.degraded, v.score),
+            (Decision::Review, true, -1.0)
+        );
+        assert_eq!(v.reasons, vec![why.clone()]);
     }
 
     #[test]

@@ -3,38 +3,15 @@
 //! Shared by the online pipeline (state loaded from RocksDB into a [`StateBatch`]) and by
 //! `fraudstream replay` (all state in a [`StateBatch`] in memory), so the two cannot drift.
 //!
-//! No I/O here: a [`Loader`] supplies entities missing from the batch.
+//! No I/O here: a [`Loader`] (the store, or nothing in replay) supplies entities missing from
+//! the batch.
 
 use std::collections::hash_map::Entry;
 
 use crate::decode::{NavigationEvent, Transaction};
 use crate::features::{self, Context, Entity, FeatureSet, GlobalHits, Ids};
 use crate::state::global::{self, EntityHashes, GlobalTables};
-use crate::state::{
-    keys, CustomerState, Hasher, Key, MerchantState, SessionState, StateBatch, StateError,
-};
-
-/// Where entities not yet in the batch come from.
-pub trait Loader {
-    fn customer(&self, key: &Key) -> Result<Option<CustomerState>, StateError>;
-    fn merchant(&self, key: &Key) -> Result<Option<MerchantState>, StateError>;
-    fn session(&self, key: &Key) -> Result<Option<SessionState>, StateError>;
-}
-
-/// Everything is in the batch already (replay).
-pub struct InMemory;
-
-impl Loader for InMemory {
-    fn customer(&self, _: &Key) -> Result<Option<CustomerState>, StateError> {
-        Ok(None)
-    }
-    fn merchant(&self, _: &Key) -> Result<Option<MerchantState>, StateError> {
-        Ok(None)
-    }
-    fn session(&self, _: &Key) -> Result<Option<SessionState>, StateError> {
-        Ok(None)
-    }
-}
+use crate::state::{keys, Hasher, Key, Loader, SessionState, StateBatch, StateError};
 
 fn session_key(hasher: &Hasher, partition: i32, customer: &str, session: &str) -> Key {
     keys::key(partition, &hasher.entity_pair("session", customer, session))
@@ -105,9 +82,24 @@ pub fn transaction(
         .session_id
         .as_deref()
         .map(|s| session_key(h, partition, &tx.customer_id, s));
-    if let Some(sk) = sk {
-        session(state, loader, sk, t)?;
-    }
+    // A transaction reads its session and does not change it: a session that had no
+    // navigation event is never written (it reads as an empty one).
+    let loaded;
+    let stored = match sk {
+        Some(k) => match state.sessions.get(&k) {
+            Some(s) => Some(s),
+            None => {
+                loaded = loader.session(&k)?;
+                loaded.as_ref()
+            }
+        },
+        None => None,
+    };
+    let empty = SessionState::default();
+    let session = sk.map(|_| match stored {
+        Some(s) if s.events > 0 && !features::expired(s.last_event_ms, t) => s,
+        _ => &empty,
+    });
     let customer = match state.customers.entry(ck) {
         Entry::Occupied(e) => e.into_mut(),
         Entry::Vacant(e) => e.insert(loader.customer(&ck)?.unwrap_or_default()),
@@ -123,7 +115,7 @@ pub fn transaction(
     let ctx = Context {
         customer,
         merchant,
-        session: sk.and_then(|k| state.sessions.get(&k)),
+        session,
         ids,
         global: global_hits,
     };

@@ -14,6 +14,8 @@ use crate::state::store::ENTITY_TTL_MS;
 use crate::state::window::WINDOWS;
 use crate::state::{CustomerState, MerchantState, SessionState};
 
+pub use crate::state::global::{Entity, GlobalHits};
+
 /// Bumped whenever a feature's definition changes meaning; manifests record it.
 /// 3: navigation sessions, global tables, idle entities expire after 7 days.
 pub const REGISTRY_VERSION: u32 = 3;
@@ -58,52 +60,6 @@ pub enum Feature {
     FraudLabels(Entity),
     /// 1 if the entity is on the blocklist.
     Blocklisted(Entity),
-}
-
-/// The entities global tables know about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Entity {
-    Customer,
-    Card,
-    Email,
-    EmailDomain,
-    Device,
-    Ip,
-}
-
-impl Entity {
-    pub const ALL: [Entity; 6] = [
-        Entity::Customer,
-        Entity::Card,
-        Entity::Email,
-        Entity::EmailDomain,
-        Entity::Device,
-        Entity::Ip,
-    ];
-
-    /// The prefix of a blocklist key (`email:…`) and the hashing kind.
-    pub fn name(self) -> &'static str {
-        match self {
-            Entity::Customer => "customer",
-            Entity::Card => "card",
-            Entity::Email => "email",
-            Entity::EmailDomain => "email_domain",
-            Entity::Device => "device",
-            Entity::Ip => "ip",
-        }
-    }
-
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// What the global tables say about a transaction's entities, looked up before features.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct GlobalHits {
-    /// Per [`Entity::index`].
-    pub labels: [u32; 6],
-    pub blocked: [bool; 6],
 }
 
 /// Every named feature, in the registry's stable order.
@@ -454,11 +410,16 @@ fn session_count(ctx: &Context<'_>, f: impl Fn(&SessionState) -> u32) -> f64 {
 
 /// Forgets an entity idle for longer than [`ENTITY_TTL_MS`] before event time `t`: it then
 /// counts as new. A pure function of the stream, so replay, restarts and restores agree,
-/// whenever RocksDB compaction physically removes the entry.
+/// whenever expiry (by the partition's stream time, a day later) physically removes it.
 pub fn expire_idle<S: Default>(state: &mut S, last_event_ms: Option<i64>, t: i64) {
-    if last_event_ms.is_some_and(|last| last < t - ENTITY_TTL_MS) {
+    if last_event_ms.is_some_and(|last| expired(last, t)) {
         *state = S::default();
     }
+}
+
+/// Whether an entity last seen at `last_event_ms` is forgotten at event time `t`.
+pub fn expired(last_event_ms: i64, t: i64) -> bool {
+    last_event_ms < t.saturating_sub(ENTITY_TTL_MS)
 }
 
 /// Applies a navigation event to its session (device and IP as keyed hashes).

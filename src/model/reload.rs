@@ -65,6 +65,15 @@ struct Shared {
     pending: Mutex<Candidates>,
 }
 
+impl telemetry::Admin for ReloadHandle {
+    fn reload(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + '_>>
+    {
+        Box::pin(self.request_and_wait(Duration::from_secs(60)))
+    }
+}
+
 impl ReloadHandle {
     /// Asks the watcher to reload every configured model now.
     pub fn request(&self) -> u64 {

@@ -1,34 +1,36 @@
-//! The producer for verdicts and dead letters.
+//! The producers of verdicts, dead letters, repartitioned records and changelog records.
 //!
-//! [`Sink::deliver`] returns only once every record of a batch is acknowledged by the
-//! broker, which is what lets the source store the batch's offsets. A record that fails
-//! (after librdkafka's own retries) is sent again with backoff; nothing is dropped. If
-//! shutdown is requested while records are still undelivered, the batch fails and its
-//! offsets are not stored, so a restart processes it again.
+//! A [`Sink`] wraps a librdkafka producer whose own thread serves delivery reports: it
+//! remembers the offset of the last changelog record acknowledged per partition (the
+//! checkpoint the store is written with after a commit) and counts failed deliveries. The
+//! transaction protocol around it (begin, offsets, commit, abort) is the pipeline's commit.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use tokio_util::sync::CancellationToken;
+use rdkafka::message::{Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
 
 use crate::config::Settings;
-use crate::telemetry::PRODUCE_RETRIES;
 
 /// One message to produce.
 #[derive(Debug, Clone)]
 pub struct OutRecord {
     /// Which of [`Sink`]'s topics.
     pub topic: Topic,
-    /// An explicit partition (changelog records go to their input partition); `None`: by key.
+    /// An explicit partition (changelog records go to their input partition, forwards to
+    /// their customer's); `None`: by key.
     pub partition: Option<i32>,
     pub key: Option<Vec<u8>>,
     /// `None` for a tombstone (a dead-lettered null value stays null).
     pub payload: Option<Vec<u8>>,
     pub headers: Option<OwnedHeaders>,
+    /// The record's timestamp (ms); `None`: the time it is produced.
+    pub timestamp: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,31 +41,65 @@ pub enum Topic {
     Repartition,
 }
 
-/// Why a batch could not be delivered. `Undelivered` is retryable by a restart: the
-/// batch's offsets were not stored.
-#[derive(Debug, thiserror::Error)]
-pub enum SinkError {
-    #[error("{0} records of the batch were not acknowledged before shutdown")]
-    Undelivered(usize),
+/// What the producer's thread learned from delivery reports since they were last taken.
+#[derive(Debug, Default)]
+pub struct Deliveries {
+    /// Changelog partition → offset of the last record acknowledged.
+    pub changelog: BTreeMap<i32, i64>,
+    pub failed: u64,
+    pub first_error: Option<KafkaError>,
+}
+
+pub struct SinkContext {
+    changelog: String,
+    deliveries: Arc<Mutex<Deliveries>>,
+}
+
+impl ClientContext for SinkContext {}
+
+impl ProducerContext for SinkContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let Ok(mut d) = self.deliveries.lock() else {
+            return;
+        };
+        match result {
+            Ok(m) if m.topic() == self.changelog => {
+                let e = d.changelog.entry(m.partition()).or_insert(m.offset());
+                *e = (*e).max(m.offset());
+            }
+            Ok(_) => {}
+            Err((e, _)) => {
+                d.failed += 1;
+                d.first_error.get_or_insert_with(|| e.clone());
+            }
+        }
+    }
 }
 
 pub struct Sink {
-    producer: FutureProducer,
+    producer: ThreadedProducer<SinkContext>,
+    deliveries: Arc<Mutex<Deliveries>>,
     verdicts: String,
     dead_letter: String,
     changelog: String,
     repartition: String,
 }
 
-/// The producer's librdkafka configuration: defaults, then `[kafka]`, then `[kafka-producer]`.
+/// The producer's librdkafka configuration: defaults, then `[kafka]`, then
+/// `[kafka-producer]`.
 pub fn client_config(settings: &Settings) -> anyhow::Result<ClientConfig> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &settings.brokers)
         .set("acks", "all")
         .set("linger.ms", "2")
-        // Re-keyed records must land where the Java client (and kafka-producer-perf-test)
-        // would put the same key: murmur2, not librdkafka's default CRC32.
-        .set("partitioner", "murmur2_random");
+        // Keyed records land where the Java client (and kafka-producer-perf-test) would put
+        // the same key: murmur2, not librdkafka's default CRC32.
+        .set("partitioner", "murmur2_random")
+        // Kafka Streams' default under exactly-once: a transaction left open by a crashed
+        // instance holds back read_committed readers for at most this long.
+        .set("transaction.timeout.ms", "10000");
     for (k, v) in settings.kafka.iter().chain(&settings.kafka_producer) {
         c.set(k, v.resolve(k)?);
     }
@@ -71,17 +107,42 @@ pub fn client_config(settings: &Settings) -> anyhow::Result<ClientConfig> {
 }
 
 impl Sink {
-    pub fn new(settings: &Settings) -> anyhow::Result<Sink> {
-        let producer: FutureProducer = client_config(settings)?
-            .create()
+    /// A transactional producer with a stable id: a restart of the same instance fences its
+    /// previous incarnation and aborts the transaction it left open.
+    pub fn transactional(settings: &Settings, transactional_id: &str) -> anyhow::Result<Sink> {
+        let mut c = client_config(settings)?;
+        c.set("transactional.id", transactional_id);
+        Sink::create(settings, c)
+    }
+
+    /// An idempotent producer outside transactions (at-least-once verdicts).
+    pub fn idempotent(settings: &Settings) -> anyhow::Result<Sink> {
+        let mut c = client_config(settings)?;
+        c.set("enable.idempotence", "true");
+        Sink::create(settings, c)
+    }
+
+    fn create(settings: &Settings, config: ClientConfig) -> anyhow::Result<Sink> {
+        let deliveries = Arc::new(Mutex::new(Deliveries::default()));
+        let changelog = settings.changelog_topic();
+        let producer = config
+            .create_with_context(SinkContext {
+                changelog: changelog.clone(),
+                deliveries: deliveries.clone(),
+            })
             .map_err(|e| anyhow::anyhow!("cannot create the Kafka producer: {e}"))?;
         Ok(Sink {
             producer,
+            deliveries,
             verdicts: settings.topics.verdicts.clone(),
             dead_letter: settings.topics.dead_letter.clone(),
-            changelog: settings.changelog_topic(),
+            changelog,
             repartition: settings.repartition_topic(),
         })
+    }
+
+    pub fn producer(&self) -> &ThreadedProducer<SinkContext> {
+        &self.producer
     }
 
     fn topic(&self, t: Topic) -> &str {
@@ -93,85 +154,44 @@ impl Sink {
         }
     }
 
-    /// Produces every record and waits for all acknowledgements, re-sending failures with
-    /// backoff until they succeed or `shutdown` is cancelled. Returns the offset of the last
-    /// changelog record acknowledged per partition.
-    pub async fn deliver(
-        &self,
-        records: &[OutRecord],
-        shutdown: &CancellationToken,
-    ) -> Result<BTreeMap<i32, i64>, SinkError> {
-        let mut changelog = BTreeMap::new();
-        let mut pending: Vec<usize> = (0..records.len()).collect();
-        let mut backoff = Duration::from_millis(100);
+    /// Hands `r` to librdkafka, waiting while its queue is full. An error is the
+    /// producer's (fenced, fatal, or the transaction needs an abort).
+    pub fn send(&self, r: &OutRecord) -> Result<(), KafkaError> {
+        let mut record = BaseRecord::<[u8], [u8]>::to(self.topic(r.topic));
+        if let Some(p) = &r.payload {
+            record = record.payload(p);
+        }
+        if let Some(k) = &r.key {
+            record = record.key(k);
+        }
+        if let Some(h) = &r.headers {
+            record = record.headers(h.clone());
+        }
+        if let Some(p) = r.partition {
+            record = record.partition(p);
+        }
+        if let Some(t) = r.timestamp {
+            record = record.timestamp(t);
+        }
         loop {
-            let mut in_flight = Vec::with_capacity(pending.len());
-            let mut failed = Vec::new();
-            for &i in &pending {
-                let r = &records[i];
-                let mut record = FutureRecord::<[u8], [u8]>::to(self.topic(r.topic));
-                if let Some(p) = &r.payload {
-                    record = record.payload(p);
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // The producer's thread drains the queue.
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(1));
                 }
-                if let Some(k) = &r.key {
-                    record = record.key(k);
-                }
-                if let Some(h) = &r.headers {
-                    record = record.headers(h.clone());
-                }
-                if let Some(p) = r.partition {
-                    record = record.partition(p);
-                }
-                loop {
-                    match self.producer.send_result(record) {
-                        Ok(f) => {
-                            in_flight.push((i, f));
-                            break;
-                        }
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                            // The local queue is full: let librdkafka drain it.
-                            record = back;
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                        }
-                        Err((e, _)) => {
-                            tracing::warn!(error = %e, "Produce failed; will retry.");
-                            failed.push(i);
-                            break;
-                        }
-                    }
-                }
+                Err((e, _)) => return Err(e),
             }
-            for (i, f) in in_flight {
-                match f.await {
-                    Ok(Ok(d)) => {
-                        if records[i].topic == Topic::Changelog {
-                            let e = changelog.entry(d.partition).or_insert(d.offset);
-                            *e = (*e).max(d.offset);
-                        }
-                    }
-                    Ok(Err((e, _))) => {
-                        tracing::warn!(error = %e, "Delivery failed; will retry.");
-                        failed.push(i);
-                    }
-                    Err(_) => failed.push(i),
-                }
-            }
-            if failed.is_empty() {
-                return Ok(changelog);
-            }
-            metrics::counter!(PRODUCE_RETRIES).increment(failed.len() as u64);
-            tokio::select! {
-                _ = shutdown.cancelled() => return Err(SinkError::Undelivered(failed.len())),
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-            pending = failed;
         }
     }
 
-    /// Waits for everything queued to be delivered (shutdown).
-    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer.flush(timeout)
+    /// The delivery outcomes since the last call.
+    pub fn take_deliveries(&self) -> Deliveries {
+        self.deliveries
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default()
     }
 }
 

@@ -139,6 +139,10 @@ impl Reading {
         self.check_loaded();
         while !shutdown.is_cancelled() {
             let Some(r) = consumer.poll(Duration::from_millis(100)) else {
+                // A poll that returned nothing may still have stepped over a final marker.
+                if !self.targets.is_empty() {
+                    self.reached(consumer);
+                }
                 continue;
             };
             let m = match r {
@@ -150,12 +154,22 @@ impl Reading {
             };
             let topic = m.topic().to_string();
             self.apply(&topic, m.key(), m.payload(), m.offset());
-            if let Some(target) = self.targets.get(&(topic.clone(), m.partition())) {
-                if m.offset() + 1 >= *target {
-                    self.targets.remove(&(topic, m.partition()));
-                    self.check_loaded();
-                }
+            if !self.targets.is_empty() {
+                self.reached(consumer);
             }
+        }
+    }
+
+    /// Drops the targets the consumer's position has reached. The position, not the offset of
+    /// the last record read: a table written by a transactional producer ends with a commit
+    /// marker that is never delivered.
+    fn reached(&mut self, consumer: &BaseConsumer) {
+        let before = self.targets.len();
+        self.targets.retain(|(topic, partition), target| {
+            super::position(consumer, topic, *partition).is_none_or(|pos| pos < *target)
+        });
+        if self.targets.len() < before {
+            self.check_loaded();
         }
     }
 

@@ -312,7 +312,7 @@ impl SessionState {
 }
 
 /// The latest event time an encoded customer, merchant or session value holds, read without
-/// decoding the rest: for expiry in RocksDB compaction. `None` if the value is not one.
+/// decoding the rest: for the expiry scan of the store. `None` if the value is not one.
 pub fn last_event_ms(kind: EntityKind, bytes: &[u8]) -> Option<i64> {
     match kind {
         EntityKind::Customer => CustomerState::decode(bytes).ok()?.last_event_ms,

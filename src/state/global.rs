@@ -11,8 +11,53 @@
 use std::collections::HashMap;
 
 use crate::decode::{BlockEntry, Label};
-use crate::features::{Entity, GlobalHits};
 use crate::state::Hasher;
+
+/// The entities global tables know about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Entity {
+    Customer,
+    Card,
+    Email,
+    EmailDomain,
+    Device,
+    Ip,
+}
+
+impl Entity {
+    pub const ALL: [Entity; 6] = [
+        Entity::Customer,
+        Entity::Card,
+        Entity::Email,
+        Entity::EmailDomain,
+        Entity::Device,
+        Entity::Ip,
+    ];
+
+    /// The prefix of a blocklist key (`email:…`) and the hashing kind.
+    pub fn name(self) -> &'static str {
+        match self {
+            Entity::Customer => "customer",
+            Entity::Card => "card",
+            Entity::Email => "email",
+            Entity::EmailDomain => "email_domain",
+            Entity::Device => "device",
+            Entity::Ip => "ip",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What the global tables say about a transaction's entities, looked up before features.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GlobalHits {
+    /// Per [`Entity::index`].
+    pub labels: [u32; 6],
+    pub blocked: [bool; 6],
+}
 
 /// The keyed hash of each entity of a transaction, by [`Entity::index`].
 pub type EntityHashes = [Option<u64>; 6];

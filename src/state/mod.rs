@@ -1,5 +1,6 @@
 //! Per-entity state: event-time windows, entity states and their codec, keyed hashing of
-//! identifiers, and the RocksDB store that holds them with each partition's applied offset.
+//! identifiers, and the RocksDB store that caches them with each partition's changelog
+//! checkpoint.
 //!
 //! This module owns storage only. What the state means (how a transaction updates it and
 //! which features it yields) is in [`crate::features`].
@@ -12,4 +13,4 @@ pub mod window;
 
 pub use entities::{CustomerState, EntityKind, MerchantState, SessionState};
 pub use keys::{Hasher, Key};
-pub use store::{marker_record, Restored, StateBatch, StateError, Store};
+pub use store::{Checkpoint, InMemory, Loader, StateBatch, StateError, Store};

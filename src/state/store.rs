@@ -1,12 +1,15 @@
-//! The RocksDB store: one database per instance, a column family per entity kind, and the
-//! last applied offset of each input partition in `meta`, all written by one `WriteBatch`
-//! per batch so state and offsets move together or not at all.
+//! The RocksDB store: one database per instance, a column family per entity kind, and per
+//! partition in `meta` the changelog checkpoint (the changelog offset the state reflects)
+//! and the stream time.
+//!
+//! The store is a cache of the changelog: it is only ever written with state that a Kafka
+//! transaction has committed ([`Store::commit`], after the transaction), or with records read
+//! from the changelog ([`Store::restore`]), each time with the checkpoint it reflects in the
+//! same `WriteBatch`. A crash between the transaction and the write leaves the store behind
+//! the changelog, never ahead of it; the restore on assignment reads the difference.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
 
@@ -18,11 +21,23 @@ use super::keys::{self, Key};
 const META: &str = "meta";
 
 /// Entities idle longer than this (in event time) are forgotten: logically when read (see
-/// [`crate::features::expire_idle`]), physically by RocksDB compaction. The longest window.
+/// [`crate::features::expire_idle`]), physically once their partition's stream time has
+/// passed it by [`EXPIRY_GRACE_MS`] more (a changelog tombstone). The longest window.
 pub const ENTITY_TTL_MS: i64 = 7 * 86_400_000;
 
-/// State errors are fatal: the batch's offsets are not stored, and a restart re-applies
-/// from the last applied offset.
+/// How far behind its partition's stream time an event may still arrive and find the
+/// entities it would have found: physical expiry waits this much longer than the logical
+/// one, so a late event within it computes what it would have without expiry.
+pub const EXPIRY_GRACE_MS: i64 = 86_400_000;
+
+/// RocksDB's memtable budget over all column families.
+const STORE_WRITE_BUFFER_BYTES: usize = 32 << 20;
+
+/// Changelog key tag of a partition's stream time (entities use [`EntityKind::tag`]).
+const STREAM_TIME_TAG: u8 = b't';
+
+/// State errors are fatal: the transaction is not committed, and a restart resumes from the
+/// last committed one.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("cannot open the state store at {path}: {message}")]
@@ -35,21 +50,42 @@ pub enum StateError {
 
 pub struct Store {
     db: DB,
-    /// The newest event time applied by this instance: compaction drops entities idle for
-    /// [`ENTITY_TTL_MS`] before it.
-    watermark: Arc<AtomicI64>,
 }
 
-/// Everything one batch changes: entity states, applied offsets and changelog positions.
+/// Where entities not yet in a [`StateBatch`] come from: the store online, nothing in replay.
+pub trait Loader {
+    fn customer(&self, key: &Key) -> Result<Option<CustomerState>, StateError>;
+    fn merchant(&self, key: &Key) -> Result<Option<MerchantState>, StateError>;
+    fn session(&self, key: &Key) -> Result<Option<SessionState>, StateError>;
+}
+
+/// Everything is in the batch already (replay).
+pub struct InMemory;
+
+impl Loader for InMemory {
+    fn customer(&self, _: &Key) -> Result<Option<CustomerState>, StateError> {
+        Ok(None)
+    }
+    fn merchant(&self, _: &Key) -> Result<Option<MerchantState>, StateError> {
+        Ok(None)
+    }
+    fn session(&self, _: &Key) -> Result<Option<SessionState>, StateError> {
+        Ok(None)
+    }
+}
+
+/// State changes not yet committed: read before the store by the events after them, written
+/// to the changelog in the transaction that commits them, then to the store.
 #[derive(Default)]
 pub struct StateBatch {
     pub customers: HashMap<Key, CustomerState>,
     pub merchants: HashMap<Key, MerchantState>,
     pub sessions: HashMap<Key, SessionState>,
-    /// (topic, partition) → offset of the last message applied.
-    pub applied: BTreeMap<(String, i32), i64>,
-    /// Partition → offset of the last changelog record this batch's state includes.
-    pub changelog: BTreeMap<i32, i64>,
+    /// Entities expired since the last commit: tombstones in the changelog, deletes in the
+    /// store.
+    pub expired: Vec<(EntityKind, Key)>,
+    /// Partition → its stream time (the newest event time applied), where it moved.
+    pub stream_time: BTreeMap<i32, i64>,
 }
 
 impl StateBatch {
@@ -57,17 +93,84 @@ impl StateBatch {
         self.customers.clear();
         self.merchants.clear();
         self.sessions.clear();
-        self.applied.clear();
-        self.changelog.clear();
+        self.expired.clear();
+        self.stream_time.clear();
     }
 
-    /// The batch's entity states as changelog records: (partition, key, value), the key
-    /// being the entity kind's tag and the state key. The batch's markers
-    /// ([`marker_record`]) go after them, once these and the verdicts are acknowledged.
-    pub fn changelog_records(&self) -> Vec<(i32, Vec<u8>, Vec<u8>)> {
-        let mut out =
-            Vec::with_capacity(self.customers.len() + self.merchants.len() + self.sessions.len());
-        fn entity(kind: EntityKind, k: &Key, value: Vec<u8>) -> (i32, Vec<u8>, Vec<u8>) {
+    pub fn is_empty(&self) -> bool {
+        self.customers.is_empty()
+            && self.merchants.is_empty()
+            && self.sessions.is_empty()
+            && self.expired.is_empty()
+            && self.stream_time.is_empty()
+    }
+
+    /// Drops what the batch holds for `partition` (revoked: its state is the next owner's).
+    pub fn drop_partition(&mut self, partition: i32) {
+        self.customers
+            .retain(|k, _| keys::partition_of(k) != partition);
+        self.merchants
+            .retain(|k, _| keys::partition_of(k) != partition);
+        self.sessions
+            .retain(|k, _| keys::partition_of(k) != partition);
+        self.expired
+            .retain(|(_, k)| keys::partition_of(k) != partition);
+        self.stream_time.remove(&partition);
+    }
+
+    /// Raises `partition`'s stream time to `event_time_ms`; `known` is its committed value.
+    pub fn advance(&mut self, partition: i32, event_time_ms: i64, known: Option<i64>) {
+        let t = self
+            .stream_time
+            .entry(partition)
+            .or_insert(known.unwrap_or(i64::MIN));
+        *t = (*t).max(event_time_ms);
+    }
+
+    /// Expires the entities of `partition` this batch holds that were last seen before
+    /// `cutoff`: out of the batch, into [`StateBatch::expired`]. Returns how many.
+    pub fn expire_idle(&mut self, partition: i32, cutoff: i64) -> usize {
+        let before = self.expired.len();
+        let idle = |k: &Key, last: Option<i64>| {
+            keys::partition_of(k) == partition && last.is_some_and(|t| t < cutoff)
+        };
+        let expired = &mut self.expired;
+        self.customers.retain(|k, v| {
+            let gone = idle(k, v.last_event_ms);
+            if gone {
+                expired.push((EntityKind::Customer, *k));
+            }
+            !gone
+        });
+        self.merchants.retain(|k, v| {
+            let gone = idle(k, v.last_event_ms);
+            if gone {
+                expired.push((EntityKind::Merchant, *k));
+            }
+            !gone
+        });
+        self.sessions.retain(|k, v| {
+            let gone = idle(k, Some(v.last_event_ms));
+            if gone {
+                expired.push((EntityKind::Session, *k));
+            }
+            !gone
+        });
+        self.expired.len() - before
+    }
+
+    /// The batch as changelog records: (partition, key, value; `None` is a tombstone). The
+    /// key is a tag (the entity kind's, or `t` for the stream time) and the state key (or
+    /// the partition).
+    pub fn changelog_records(&self) -> Vec<(i32, Vec<u8>, Option<Vec<u8>>)> {
+        let mut out = Vec::with_capacity(
+            self.customers.len() + self.merchants.len() + self.sessions.len() + self.expired.len(),
+        );
+        fn entity(
+            kind: EntityKind,
+            k: &Key,
+            value: Option<Vec<u8>>,
+        ) -> (i32, Vec<u8>, Option<Vec<u8>>) {
             let mut key = Vec::with_capacity(21);
             key.push(kind.tag());
             key.extend_from_slice(k);
@@ -76,85 +179,61 @@ impl StateBatch {
         for (k, v) in &self.customers {
             let mut b = Vec::with_capacity(256);
             v.encode(&mut b);
-            out.push(entity(EntityKind::Customer, k, b));
+            out.push(entity(EntityKind::Customer, k, Some(b)));
         }
         for (k, v) in &self.merchants {
             let mut b = Vec::with_capacity(64);
             v.encode(&mut b);
-            out.push(entity(EntityKind::Merchant, k, b));
+            out.push(entity(EntityKind::Merchant, k, Some(b)));
         }
         for (k, v) in &self.sessions {
             let mut b = Vec::with_capacity(64);
             v.encode(&mut b);
-            out.push(entity(EntityKind::Session, k, b));
+            out.push(entity(EntityKind::Session, k, Some(b)));
+        }
+        for (kind, k) in &self.expired {
+            out.push(entity(*kind, k, None));
+        }
+        for (&p, &t) in &self.stream_time {
+            out.push((p, stream_time_key(p), Some(t.to_le_bytes().to_vec())));
         }
         out
     }
 }
 
-/// A batch's marker for one partition: `a` + partition → every applied offset of the
-/// partition (`[n][len][topic][offset LE]…`). A restore applies entity records only up to
-/// the last marker: records after it are from a batch whose output was not all
-/// acknowledged, and are discarded (and re-written by the next batch, see
-/// [`Restored::repair`]).
-pub fn marker_record(partition: i32, applied: &[(String, i64)]) -> (Vec<u8>, Vec<u8>) {
-    let mut key = vec![b'a'];
+fn stream_time_key(partition: i32) -> Vec<u8> {
+    let mut key = vec![STREAM_TIME_TAG];
     key.extend_from_slice(&(partition as u32).to_be_bytes());
-    let mut value = vec![applied.len() as u8];
-    for (topic, offset) in applied {
-        value.push(topic.len().min(255) as u8);
-        value.extend_from_slice(&topic.as_bytes()[..topic.len().min(255)]);
-        value.extend_from_slice(&offset.to_le_bytes());
-    }
-    (key, value)
+    key
 }
 
-fn parse_marker(value: &[u8]) -> Result<Vec<(String, i64)>, CodecError> {
-    let bad = || CodecError("malformed changelog marker".into());
-    let (&n, mut rest) = value.split_first().ok_or_else(bad)?;
-    let mut out = Vec::with_capacity(n as usize);
-    for _ in 0..n {
-        let (&len, r) = rest.split_first().ok_or_else(bad)?;
-        if r.len() < len as usize + 8 {
-            return Err(bad());
-        }
-        let topic = String::from_utf8_lossy(&r[..len as usize]).into_owned();
-        let offset = i64::from_le_bytes(r[len as usize..len as usize + 8].try_into().expect("8"));
-        out.push((topic, offset));
-        rest = &r[len as usize + 8..];
-    }
-    Ok(out)
+fn checkpoint_key(partition: i32) -> Vec<u8> {
+    format!("checkpoint/{partition}").into_bytes()
 }
 
-/// What a restore found after the partition's last marker: entity keys whose changelog
-/// value may be ahead of the marker, to be re-written from the restored state.
-#[derive(Debug, Default)]
-pub struct Restored {
-    pub repair: Vec<(EntityKind, Key)>,
+fn checkpoint_time_key(partition: i32) -> Vec<u8> {
+    format!("checkpoint-time/{partition}").into_bytes()
 }
 
-fn applied_key(topic: &str, partition: i32) -> Vec<u8> {
-    format!("applied/{topic}/{partition}").into_bytes()
+fn meta_stream_time_key(partition: i32) -> Vec<u8> {
+    format!("stream-time/{partition}").into_bytes()
 }
 
-fn changelog_key(partition: i32) -> Vec<u8> {
-    format!("changelog/{partition}").into_bytes()
-}
+const INSTANCE_KEY: &[u8] = b"instance-id";
 
-fn entity_cf_options(kind: EntityKind, watermark: &Arc<AtomicI64>) -> Options {
+fn entity_cf_options() -> Options {
     let mut cf = Options::default();
     cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
-    let watermark = watermark.clone();
-    cf.set_compaction_filter(kind.name(), move |_level, _key, value| {
-        let now = watermark.load(Ordering::Relaxed);
-        match last_event_ms(kind, value) {
-            Some(t) if now != i64::MIN && t < now - ENTITY_TTL_MS => {
-                rocksdb::CompactionDecision::Remove
-            }
-            _ => rocksdb::CompactionDecision::Keep,
-        }
-    });
     cf
+}
+
+/// A partition's checkpoint: the changelog offset its state reflects, and when it was
+/// written (wall clock, ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The offset of the next changelog record to apply.
+    pub next: i64,
+    pub written_at_ms: i64,
 }
 
 impl Store {
@@ -163,17 +242,19 @@ impl Store {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        let watermark = Arc::new(AtomicI64::new(i64::MIN));
+        // Memtables of all column families together: a bound on the memory a restore (a
+        // partition's whole changelog written in chunks) can take, whatever its size.
+        opts.set_db_write_buffer_size(STORE_WRITE_BUFFER_BYTES);
         let mut cfs: Vec<ColumnFamilyDescriptor> = EntityKind::ALL
             .into_iter()
-            .map(|k| ColumnFamilyDescriptor::new(k.name(), entity_cf_options(k, &watermark)))
+            .map(|k| ColumnFamilyDescriptor::new(k.name(), entity_cf_options()))
             .collect();
         cfs.push(ColumnFamilyDescriptor::new(META, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| StateError::Open {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        Ok(Store { db, watermark })
+        Ok(Store { db })
     }
 
     /// Opens an existing store for reading only, beside a running scorer (no lock taken).
@@ -189,21 +270,13 @@ impl Store {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        Ok(Store {
-            db,
-            watermark: Arc::new(AtomicI64::new(i64::MIN)),
-        })
+        Ok(Store { db })
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         self.db
             .cf_handle(name)
             .expect("column families are created at open")
-    }
-
-    /// Raises the event time before which idle entities may be compacted away.
-    pub fn advance_watermark(&self, event_time_ms: i64) {
-        self.watermark.fetch_max(event_time_ms, Ordering::Relaxed);
     }
 
     pub fn customer(&self, key: &Key) -> Result<Option<CustomerState>, StateError> {
@@ -227,7 +300,7 @@ impl Store {
         }
     }
 
-    fn meta_i64(&self, key: Vec<u8>) -> Result<Option<i64>, StateError> {
+    fn meta_i64(&self, key: &[u8]) -> Result<Option<i64>, StateError> {
         match self.db.get_pinned_cf(self.cf(META), key)? {
             Some(v) if v.len() == 8 => Ok(Some(i64::from_le_bytes(v[..8].try_into().expect("8")))),
             Some(_) => Err(CodecError("meta value is not 8 bytes".into()).into()),
@@ -235,18 +308,50 @@ impl Store {
         }
     }
 
-    /// The offset of the last message of `topic`/`partition` whose effects are in the store.
-    pub fn applied_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StateError> {
-        self.meta_i64(applied_key(topic, partition))
+    /// This instance's id: made at the store's first open and kept with it, so a restarted
+    /// instance is known as the same one (its Kafka transactional id).
+    pub fn instance_id(&self) -> Result<String, StateError> {
+        if let Some(v) = self.db.get_cf(self.cf(META), INSTANCE_KEY)? {
+            return Ok(String::from_utf8_lossy(&v).into_owned());
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let id = format!(
+            "{:016x}",
+            (nanos as u64) ^ (u64::from(std::process::id()) << 40)
+        );
+        self.db.put_cf(self.cf(META), INSTANCE_KEY, id.as_bytes())?;
+        Ok(id)
     }
 
-    /// The offset of the last changelog record of `partition` the store includes.
-    pub fn changelog_position(&self, partition: i32) -> Result<Option<i64>, StateError> {
-        self.meta_i64(changelog_key(partition))
+    /// The changelog checkpoint of `partition`, if its state was ever written.
+    pub fn checkpoint(&self, partition: i32) -> Result<Option<Checkpoint>, StateError> {
+        let Some(next) = self.meta_i64(&checkpoint_key(partition))? else {
+            return Ok(None);
+        };
+        let written_at_ms = self.meta_i64(&checkpoint_time_key(partition))?.unwrap_or(0);
+        Ok(Some(Checkpoint {
+            next,
+            written_at_ms,
+        }))
     }
 
-    /// Writes the batch atomically (and durably: the write-ahead log is synced).
-    pub fn commit(&self, batch: &StateBatch) -> Result<(), StateError> {
+    /// The stream time of `partition` as last committed.
+    pub fn stream_time(&self, partition: i32) -> Result<Option<i64>, StateError> {
+        self.meta_i64(&meta_stream_time_key(partition))
+    }
+
+    /// Writes a committed batch with the changelog checkpoints it reflects (partition → next
+    /// changelog offset), atomically. Not synced: a write lost to a machine crash leaves the
+    /// store behind its changelog, which the next restore reads.
+    pub fn commit(
+        &self,
+        batch: &StateBatch,
+        checkpoints: &BTreeMap<i32, i64>,
+        now_ms: i64,
+    ) -> Result<(), StateError> {
         let mut wb = WriteBatch::default();
         let mut buf = Vec::with_capacity(512);
         for (k, v) in &batch.customers {
@@ -264,63 +369,53 @@ impl Store {
             v.encode(&mut buf);
             wb.put_cf(self.cf("session"), k, &buf);
         }
-        for ((topic, partition), offset) in &batch.applied {
-            wb.put_cf(
-                self.cf(META),
-                applied_key(topic, *partition),
-                offset.to_le_bytes(),
-            );
+        for (kind, k) in &batch.expired {
+            wb.delete_cf(self.cf(kind.name()), k);
         }
-        for (partition, offset) in &batch.changelog {
-            wb.put_cf(
-                self.cf(META),
-                changelog_key(*partition),
-                offset.to_le_bytes(),
-            );
+        for (p, t) in &batch.stream_time {
+            wb.put_cf(self.cf(META), meta_stream_time_key(*p), t.to_le_bytes());
         }
-        let mut opts = rocksdb::WriteOptions::default();
-        opts.set_sync(true);
-        self.db.write_opt(wb, &opts)?;
+        for (p, next) in checkpoints {
+            wb.put_cf(self.cf(META), checkpoint_key(*p), next.to_le_bytes());
+            wb.put_cf(self.cf(META), checkpoint_time_key(*p), now_ms.to_le_bytes());
+        }
+        self.db.write(wb)?;
         Ok(())
     }
 
-    /// Deletes everything the store holds for `partition`: its entities, applied offsets
-    /// and changelog position (before a restore from the changelog's start).
-    pub fn drop_partition(&self, partition: i32, topics: &[&str]) -> Result<(), StateError> {
+    /// Deletes everything the store holds for `partition`: entities, stream time and
+    /// checkpoint (state that cannot be trusted, before a restore from the changelog's start).
+    pub fn drop_partition(&self, partition: i32) -> Result<(), StateError> {
         let (from, to) = keys::partition_range(partition);
         let mut wb = WriteBatch::default();
         for kind in EntityKind::ALL {
             wb.delete_range_cf(self.cf(kind.name()), from, to);
         }
-        for t in topics {
-            wb.delete_cf(self.cf(META), applied_key(t, partition));
-        }
-        wb.delete_cf(self.cf(META), changelog_key(partition));
+        wb.delete_cf(self.cf(META), checkpoint_key(partition));
+        wb.delete_cf(self.cf(META), checkpoint_time_key(partition));
+        wb.delete_cf(self.cf(META), meta_stream_time_key(partition));
         self.db.write(wb)?;
         Ok(())
     }
 
-    /// Applies changelog records of `partition` (read in order, ending with a marker at
-    /// offset `position`) in one write. Records with an unknown tag are an error: a
-    /// changelog written by a newer version.
+    /// Applies changelog records of `partition`, read in order up to (not including) offset
+    /// `next`, in one write with `next` as the checkpoint. A record with an unknown tag is an
+    /// error: a changelog written by a newer version.
     pub fn restore(
         &self,
         partition: i32,
         records: &[(Vec<u8>, Option<Vec<u8>>)],
-        position: i64,
+        next: i64,
+        now_ms: i64,
     ) -> Result<(), StateError> {
         let mut wb = WriteBatch::default();
         for (key, value) in records {
             let Some((&tag, rest)) = key.split_first() else {
                 return Err(CodecError("empty changelog key".into()).into());
             };
-            if tag == b'a' {
-                for (topic, offset) in parse_marker(value.as_deref().unwrap_or_default())? {
-                    wb.put_cf(
-                        self.cf(META),
-                        applied_key(&topic, partition),
-                        offset.to_le_bytes(),
-                    );
+            if tag == STREAM_TIME_TAG {
+                if let Some(v) = value {
+                    wb.put_cf(self.cf(META), meta_stream_time_key(partition), v);
                 }
                 continue;
             }
@@ -334,25 +429,47 @@ impl Store {
                 None => wb.delete_cf(self.cf(kind.name()), rest),
             }
         }
+        wb.put_cf(self.cf(META), checkpoint_key(partition), next.to_le_bytes());
         wb.put_cf(
             self.cf(META),
-            changelog_key(partition),
-            position.to_le_bytes(),
+            checkpoint_time_key(partition),
+            now_ms.to_le_bytes(),
         );
         self.db.write(wb)?;
         Ok(())
     }
 
-    /// The keys of changelog records found after the last marker (see [`Restored`]).
-    pub fn tail_keys(records: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<(EntityKind, Key)> {
-        records
-            .iter()
-            .filter_map(|(k, _)| {
-                let (&tag, rest) = k.split_first()?;
-                let kind = EntityKind::from_tag(tag)?;
-                Some((kind, rest.try_into().ok()?))
-            })
-            .collect()
+    /// The entities of `partition` last seen before `cutoff` (event time, ms), at most `limit`
+    /// of them: what expiry deletes. Scans the partition's key range.
+    pub fn idle(
+        &self,
+        partition: i32,
+        cutoff: i64,
+        limit: usize,
+    ) -> Result<Vec<(EntityKind, Key)>, StateError> {
+        let (from, to) = keys::partition_range(partition);
+        let mut out = Vec::new();
+        for kind in EntityKind::ALL {
+            let mut ro = rocksdb::ReadOptions::default();
+            ro.set_iterate_upper_bound(to.to_vec());
+            let iter = self.db.iterator_cf_opt(
+                self.cf(kind.name()),
+                ro,
+                rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
+            );
+            for item in iter {
+                let (k, v) = item?;
+                if last_event_ms(kind, &v).is_some_and(|t| t < cutoff) {
+                    if let Ok(key) = Key::try_from(&k[..]) {
+                        out.push((kind, key));
+                        if out.len() >= limit {
+                            return Ok(out);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Entities and their key + value bytes (uncompressed), per kind: the
@@ -375,8 +492,8 @@ impl Store {
     }
 }
 
-/// The online pipeline's entities come from here when not in the batch.
-impl crate::features::engine::Loader for Store {
+/// The online pipeline's entities come from here when not in the uncommitted batch.
+impl Loader for Store {
     fn customer(&self, key: &Key) -> Result<Option<CustomerState>, StateError> {
         Store::customer(self, key)
     }
@@ -388,32 +505,61 @@ impl crate::features::engine::Loader for Store {
     }
 }
 
+/// A changelog record's partition-relative meaning, for `state-export` and tests: `Some`
+/// (kind name, state key) for an entity, `None` for a partition's stream time.
+pub fn describe_changelog_key(key: &[u8]) -> Option<&'static str> {
+    let (&tag, _) = key.split_first()?;
+    if tag == STREAM_TIME_TAG {
+        return Some("stream-time");
+    }
+    EntityKind::from_tag(tag).map(EntityKind::name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::state::keys::{key, Hasher};
 
-    #[test]
-    fn batch_is_written_with_its_offsets_and_survives_reopen() {
-        let dir = std::env::temp_dir().join(format!("fraudstream-store-{}", std::process::id()));
+    fn temp(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("fraudstream-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn batch_is_written_with_its_checkpoint_and_survives_reopen() {
+        let dir = temp("store");
         let h = Hasher::new(b"s");
         let k = key(3, &h.entity("customer", "c1"));
+        let id;
         {
             let store = Store::open(&dir).unwrap();
-            assert_eq!(store.applied_offset("tx", 3).unwrap(), None);
+            id = store.instance_id().unwrap();
+            assert_eq!(store.checkpoint(3).unwrap(), None);
             let mut b = StateBatch::default();
             let mut c = CustomerState::default();
             c.amounts.add(12.0);
             c.last_event_ms = Some(5);
             b.customers.insert(k, c);
             b.merchants.insert(k, MerchantState::default());
-            b.applied.insert(("tx".into(), 3), 41);
-            store.commit(&b).unwrap();
+            b.advance(3, 5, None);
+            store.commit(&b, &BTreeMap::from([(3, 42)]), 1000).unwrap();
         }
         let store = Store::open(&dir).unwrap();
-        assert_eq!(store.applied_offset("tx", 3).unwrap(), Some(41));
-        assert_eq!(store.applied_offset("tx", 4).unwrap(), None);
+        assert_eq!(
+            store.instance_id().unwrap(),
+            id,
+            "the id stays with the store"
+        );
+        assert_eq!(
+            store.checkpoint(3).unwrap(),
+            Some(Checkpoint {
+                next: 42,
+                written_at_ms: 1000
+            })
+        );
+        assert_eq!(store.checkpoint(4).unwrap(), None);
+        assert_eq!(store.stream_time(3).unwrap(), Some(5));
         let c = store.customer(&k).unwrap().unwrap();
         assert_eq!(c.amounts.n, 1);
         assert_eq!(c.last_event_ms, Some(5));
@@ -429,5 +575,69 @@ mod tests {
         assert!(stats[0].2 > 20);
         assert_eq!(stats[1].1, 1, "one merchant");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn changelog_records_restore_the_same_state_and_idle_entities_are_found() {
+        let (a, b) = (temp("store-a"), temp("store-b"));
+        let h = Hasher::new(b"s");
+        let old = key(1, &h.entity("customer", "old"));
+        let new = key(1, &h.entity("customer", "new"));
+        let other = key(2, &h.entity("customer", "old"));
+        let mut batch = StateBatch::default();
+        for (k, t) in [(old, 1_000), (new, 9_000_000), (other, 1_000)] {
+            let c = CustomerState {
+                last_event_ms: Some(t),
+                ..Default::default()
+            };
+            batch.customers.insert(k, c);
+        }
+        batch.advance(1, 9_000_000, None);
+        let source = Store::open(&a).unwrap();
+        source.commit(&batch, &BTreeMap::new(), 0).unwrap();
+        assert_eq!(
+            source.idle(1, 5_000, 100).unwrap(),
+            vec![(EntityKind::Customer, old)]
+        );
+        assert_eq!(
+            source.idle(2, 5_000, 100).unwrap(),
+            vec![(EntityKind::Customer, other)]
+        );
+
+        // Partition 1 through its changelog records, then a tombstone for the idle one.
+        let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = batch
+            .changelog_records()
+            .into_iter()
+            .filter(|(p, _, _)| *p == 1)
+            .map(|(_, k, v)| (k, v))
+            .collect();
+        let expired = StateBatch {
+            expired: vec![(EntityKind::Customer, old)],
+            ..Default::default()
+        };
+        records.extend(
+            expired
+                .changelog_records()
+                .into_iter()
+                .map(|(_, k, v)| (k, v)),
+        );
+        let copy = Store::open(&b).unwrap();
+        copy.restore(1, &records, 17, 5).unwrap();
+        assert_eq!(copy.checkpoint(1).unwrap().map(|c| c.next), Some(17));
+        assert_eq!(copy.stream_time(1).unwrap(), Some(9_000_000));
+        assert!(copy.customer(&old).unwrap().is_none(), "tombstone applied");
+        assert_eq!(
+            copy.customer(&new).unwrap().unwrap().last_event_ms,
+            Some(9_000_000)
+        );
+        assert!(
+            copy.customer(&other).unwrap().is_none(),
+            "another partition"
+        );
+        copy.drop_partition(1).unwrap();
+        assert!(copy.customer(&new).unwrap().is_none());
+        assert_eq!(copy.checkpoint(1).unwrap(), None);
+        let _ = std::fs::remove_dir_all(&a);
+        let _ = std::fs::remove_dir_all(&b);
     }
 }

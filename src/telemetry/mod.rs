@@ -15,11 +15,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::reload::ReloadHandle;
+/// What `POST /admin/reload-model` does: loads and checks the configured model files again
+/// and answers with the versions (or why they were refused). Provided by the owner of the
+/// models, so this module knows nothing of them.
+pub trait Admin: Send + Sync + 'static {
+    fn reload(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + '_>>;
+}
 
 /// Counter, label `topic`: messages taken from an input topic.
 pub const MESSAGES_CONSUMED: &str = "fraudstream_messages_consumed_total";
-/// Counter, label `decision`: verdicts acknowledged by the broker.
+/// Counter, label `decision`: verdicts committed.
 pub const VERDICTS: &str = "fraudstream_verdicts_total";
 /// Counter, label `kind`: messages sent to the dead-letter topic.
 pub const DEAD_LETTERS: &str = "fraudstream_dead_letters_total";
@@ -27,14 +34,18 @@ pub const DEAD_LETTERS: &str = "fraudstream_dead_letters_total";
 pub const SCORING_DURATION: &str = "fraudstream_scoring_duration_seconds";
 /// Histogram: rows per scored micro-batch.
 pub const SCORING_BATCH_ROWS: &str = "fraudstream_scoring_batch_rows";
-/// Histogram: verdict acknowledged − transaction event time, in seconds.
+/// Histogram: verdict committed − transaction event time, in seconds.
 pub const END_TO_END_LATENCY: &str = "fraudstream_end_to_end_latency_seconds";
-/// Histogram: seconds from the first message of a batch to its offsets being stored.
+/// Histogram: seconds to process a batch (features, scores, verdicts handed to the producer).
 pub const BATCH_DURATION: &str = "fraudstream_batch_duration_seconds";
-/// Counter: produce attempts that failed and were retried.
-pub const PRODUCE_RETRIES: &str = "fraudstream_produce_retries_total";
-/// Gauge, labels `topic`, `partition`: messages of an assigned partition not yet
-/// acknowledged (high watermark − stored offset), from librdkafka statistics.
+/// Histogram: seconds a commit took (changelog, offsets, transaction commit, store write).
+pub const COMMIT_DURATION: &str = "fraudstream_commit_duration_seconds";
+/// Counter, label `result` (committed, aborted): processing transactions.
+pub const COMMITS: &str = "fraudstream_commits_total";
+/// Counter: idle entities expired (deleted, with a changelog tombstone).
+pub const EXPIRED: &str = "fraudstream_expired_entities_total";
+/// Gauge, labels `topic`, `partition`: messages of an assigned partition not yet read
+/// (last stable offset − position), from librdkafka statistics.
 pub const CONSUMER_LAG: &str = "fraudstream_consumer_lag_messages";
 /// Gauge, labels `model` (primary, shadow) and `model_version`: 1 for a model in service,
 /// 0 once replaced (an info metric).
@@ -60,7 +71,7 @@ pub const GLOBAL_ENTRIES: &str = "fraudstream_global_table_entries";
 /// Histogram: how long a transaction waited in the merge buffer for the other inputs of its
 /// partition (timestamp-ordered processing).
 pub const MERGE_WAIT: &str = "fraudstream_merge_wait_seconds";
-/// Counter: records forwarded to the repartition topic (input not keyed by customer).
+/// Counter: records forwarded to the repartition topic (not on murmur2(customer)'s partition).
 pub const REPARTITIONED: &str = "fraudstream_repartitioned_total";
 
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -76,15 +87,13 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(END_TO_END_LATENCY.into()), &LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_DURATION.into()), &LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(COMMIT_DURATION.into()), &LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(MERGE_WAIT.into()), &LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(SCORING_DURATION.into()), &SCORING_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(SCORING_BATCH_ROWS.into()), &ROW_BUCKETS)?
         .install_recorder()?;
     metrics::describe_counter!(MESSAGES_CONSUMED, "Messages taken from an input topic.");
-    metrics::describe_counter!(
-        VERDICTS,
-        "Verdicts acknowledged by the broker, by decision."
-    );
+    metrics::describe_counter!(VERDICTS, "Verdicts committed, by decision.");
     metrics::describe_counter!(
         DEAD_LETTERS,
         "Messages sent to the dead-letter topic, by error kind."
@@ -98,16 +107,25 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_histogram!(
         END_TO_END_LATENCY,
         metrics::Unit::Seconds,
-        "Verdict acknowledged minus transaction event time."
+        "Verdict committed minus transaction event time."
     );
     metrics::describe_histogram!(
         BATCH_DURATION,
         metrics::Unit::Seconds,
-        "First message of a batch to offsets stored."
+        "Processing of a batch: features, scores, verdicts handed to the producer."
+    );
+    metrics::describe_histogram!(
+        COMMIT_DURATION,
+        metrics::Unit::Seconds,
+        "A commit: changelog, offsets, transaction commit, state store write."
     );
     metrics::describe_counter!(
-        PRODUCE_RETRIES,
-        "Produce attempts that failed and were retried."
+        COMMITS,
+        "Processing transactions, by result (committed, aborted)."
+    );
+    metrics::describe_counter!(
+        EXPIRED,
+        "Idle entities expired (deleted, with a changelog tombstone)."
     );
     metrics::describe_gauge!(
         ASSIGNED_PARTITIONS,
@@ -128,7 +146,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     );
     metrics::describe_counter!(
         REPARTITIONED,
-        "Records forwarded to the repartition topic because their key was not the customer id."
+        "Records forwarded to the repartition topic because they were not on their customer's partition."
     );
     metrics::describe_gauge!(
         MODEL_INFO,
@@ -174,6 +192,19 @@ impl Readiness {
     pub fn set_global_loaded(&self, loaded: bool) {
         self.0.global_loaded.store(loaded, Ordering::Relaxed);
     }
+    /// Which condition of readiness does not hold.
+    pub fn why_not(&self) -> &'static str {
+        if !self.0.global_loaded.load(Ordering::Relaxed) {
+            "global tables loading"
+        } else if !self.0.assigned.load(Ordering::Relaxed) {
+            "no partitions assigned"
+        } else if self.0.restoring.load(Ordering::Relaxed) > 0 {
+            "restoring state"
+        } else {
+            "ready"
+        }
+    }
+
     pub fn get(&self) -> bool {
         self.0.assigned.load(Ordering::Relaxed)
             && self.0.restoring.load(Ordering::Relaxed) == 0
@@ -186,7 +217,7 @@ pub async fn serve(
     addr: SocketAddr,
     handle: PrometheusHandle,
     readiness: Readiness,
-    reload: ReloadHandle,
+    admin: Arc<dyn Admin>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr)
@@ -203,9 +234,9 @@ pub async fn serve(
                     let Ok((stream, _)) = accepted else { continue };
                     let handle = handle.clone();
                     let readiness = readiness.clone();
-                    let reload = reload.clone();
+                    let admin = admin.clone();
                     tokio::spawn(async move {
-                        let _ = respond(stream, &handle, &readiness, &reload).await;
+                        let _ = respond(stream, &handle, &readiness, admin.as_ref()).await;
                     });
                 }
             }
@@ -219,7 +250,7 @@ async fn respond(
     mut stream: tokio::net::TcpStream,
     handle: &PrometheusHandle,
     readiness: &Readiness,
-    reload: &ReloadHandle,
+    admin: &dyn Admin,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
@@ -250,16 +281,14 @@ async fn respond(
         ("GET", "/readyz") => (
             "503 Service Unavailable",
             "text/plain",
-            "not ready: no partitions assigned\n".to_string(),
+            format!("not ready: {}\n", readiness.why_not()),
         ),
         // Loads and checks the configured model files again; answers once they are checked
         // (the swap follows at the next batch boundary) or refused.
-        ("POST", "/admin/reload-model") => {
-            match reload.request_and_wait(Duration::from_secs(60)).await {
-                Ok(summary) => ("200 OK", "text/plain", format!("{summary}\n")),
-                Err(e) => ("422 Unprocessable Entity", "text/plain", format!("{e}\n")),
-            }
-        }
+        ("POST", "/admin/reload-model") => match admin.reload().await {
+            Ok(summary) => ("200 OK", "text/plain", format!("{summary}\n")),
+            Err(e) => ("422 Unprocessable Entity", "text/plain", format!("{e}\n")),
+        },
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => (
             "405 Method Not Allowed",

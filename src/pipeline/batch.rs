@@ -1,0 +1,517 @@
+//! Processing a batch of merged records, in order: a navigation event into its session, a
+//! transaction into its feature rows (from the state before it) and then into state, a bad
+//! record into a dead letter, a mis-partitioned one into a forward; then each partition's
+//! transactions are scored together and decided into verdicts.
+//!
+//! No I/O: state comes from the uncommitted [`StateBatch`] and, below it, a [`Loader`] (the
+//! store); what is produced is collected in an [`Output`] for the commit to send.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+
+use super::intake::{Event, Record, KIND_HEADER};
+use super::merge::Queued;
+use super::score::Scoring;
+use crate::config::{Settings, VerdictFormat};
+use crate::decision::rules::{self, RuleSet};
+use crate::decision::{assemble, Decision, Facts, Reason, ShadowScore, Verdict};
+use crate::decode::{DecodeError, ErrorKind, NavigationEvent, Transaction};
+use crate::features::{engine, FeatureSet};
+use crate::model::reload::{Candidates, Role};
+use crate::model::{self, ModelView};
+use crate::sink::{OutRecord, Topic};
+use crate::state::global::GlobalTables;
+use crate::state::{Hasher, Loader, StateBatch, StateError};
+use crate::telemetry;
+
+/// Dead-letter header names.
+pub mod headers {
+    pub const ERROR_KIND: &str = "fraudstream.error.kind";
+    pub const ERROR_MESSAGE: &str = "fraudstream.error.message";
+    pub const SOURCE_TOPIC: &str = "fraudstream.source.topic";
+    pub const SOURCE_PARTITION: &str = "fraudstream.source.partition";
+    pub const SOURCE_OFFSET: &str = "fraudstream.source.offset";
+}
+
+/// What a batch produced, for the commit to send.
+#[derive(Default)]
+pub struct Output {
+    pub verdicts: Vec<OutRecord>,
+    pub dead_letters: Vec<OutRecord>,
+    pub forwards: Vec<OutRecord>,
+    /// (decision, event time) of each verdict, counted once committed.
+    pub decisions: Vec<(Decision, i64)>,
+}
+
+impl Output {
+    pub fn clear(&mut self) {
+        self.verdicts.clear();
+        self.dead_letters.clear();
+        self.forwards.clear();
+        self.decisions.clear();
+    }
+}
+
+/// Everything that turns records into verdicts, with buffers reused across batches.
+pub struct Processor {
+    /// The primary model in service (its session is with the scoring runner).
+    pub model: ModelView,
+    pub scoring: Scoring,
+    rules: RuleSet,
+    /// Merchants that are scored; `None`: all.
+    enabled: Option<HashSet<String>>,
+    /// With `output.audit-features`: the features put into each verdict.
+    audit: Option<FeatureSet>,
+    hasher: Hasher,
+    /// Labels and blocklist, kept current by their reader thread.
+    global: Arc<RwLock<GlobalTables>>,
+    model_reasons: usize,
+    verdict_format: VerdictFormat,
+    verdict_schema_id: Option<u32>,
+    rows: Vec<f32>,
+    audit_rows: Vec<f32>,
+    shadow_rows: Vec<f32>,
+    /// Per scored transaction: whether it carries what the shadow reads (a passthrough
+    /// shadow cannot score a transaction without its vector; it is left out).
+    shadow_ok: Vec<bool>,
+    /// One row of `rules.features` per transaction of the partition being processed.
+    rule_rows: Vec<f32>,
+    /// Per transaction of the partition being processed: merchant not enabled.
+    rejected: Vec<bool>,
+    fired: Vec<Decision>,
+    contributions: Vec<f64>,
+}
+
+impl Processor {
+    pub fn new(
+        settings: &Settings,
+        model: ModelView,
+        scoring: Scoring,
+        rules: RuleSet,
+        hasher: Hasher,
+        global: Arc<RwLock<GlobalTables>>,
+    ) -> anyhow::Result<Processor> {
+        let enabled = &settings.decision.enabled_merchants;
+        let audit = if settings.output.audit_features {
+            Some(audit_set(&model.features)?)
+        } else {
+            None
+        };
+        Ok(Processor {
+            model,
+            scoring,
+            rules,
+            enabled: (!enabled.is_empty()).then(|| enabled.iter().cloned().collect()),
+            audit,
+            hasher,
+            global,
+            model_reasons: settings.decision.model_reasons,
+            verdict_format: settings.output.verdict_format,
+            verdict_schema_id: settings.output.verdict_schema_id,
+            rows: Vec::new(),
+            audit_rows: Vec::new(),
+            shadow_rows: Vec::new(),
+            shadow_ok: Vec::new(),
+            rule_rows: Vec::new(),
+            rejected: Vec::new(),
+            fired: Vec::new(),
+            contributions: Vec::new(),
+        })
+    }
+
+    /// Puts in service the models and rules the watcher has checked; between two batches,
+    /// so that every batch is scored by one model. Returns the new primary's requirements
+    /// for the decoder, if it changed.
+    pub fn swap(&mut self, new: Candidates) -> anyhow::Result<Option<crate::decode::Requirements>> {
+        let mut requirements = None;
+        if let Some(m) = new.primary {
+            let old = std::mem::replace(&mut self.model, m.view());
+            self.scoring.runner.swap(m);
+            model_info(Role::Primary, &old.manifest, 0.0);
+            model_info(Role::Primary, &self.model.manifest, 1.0);
+            requirements = Some(self.model.features.requirements());
+            if self.audit.is_some() {
+                self.audit = Some(audit_set(&self.model.features)?);
+            }
+            tracing::info!(
+                from = %old.manifest.model_version,
+                to = %self.model.manifest.model_version,
+                "Model swapped in."
+            );
+        }
+        if let Some(rules) = new.rules {
+            tracing::info!(from = %self.rules.version, to = %rules.version, "Rules swapped in.");
+            self.rules = rules;
+        }
+        if let Some(m) = new.shadow {
+            if let Some(old) = self.scoring.shadow.replace(m) {
+                model_info(Role::Shadow, &old.manifest, 0.0);
+            }
+            if let Some(shadow) = &self.scoring.shadow {
+                model_info(Role::Shadow, &shadow.manifest, 1.0);
+                tracing::info!(to = %shadow.manifest.model_version, "Shadow model swapped in.");
+            }
+        }
+        Ok(requirements)
+    }
+
+    /// Processes `ready` in order into `state` (read through to `loader`) and `out`.
+    /// `stream_time` gives a partition's committed stream time. An error is a state error:
+    /// fatal for the batch (its transaction is not committed).
+    pub fn process(
+        &mut self,
+        ready: &[Queued<Record>],
+        state: &mut StateBatch,
+        loader: &impl Loader,
+        stream_time: &HashMap<i32, i64>,
+        scored_at: i64,
+        out: &mut Output,
+    ) -> Result<(), StateError> {
+        let mut dead = [0u64; ErrorKind::ALL.len()];
+        let mut forwarded = 0u64;
+        let global = self.global.clone();
+        let tables = global.read().unwrap_or_else(|e| e.into_inner());
+        // Transactions of the current partition, scored together.
+        let mut txs: Vec<(&Transaction, &OwnedMessage)> = Vec::new();
+        let mut current: Option<i32> = None;
+        for q in ready {
+            let p = q.partition;
+            if current != Some(p) {
+                if current.is_some() {
+                    self.score_partition(&txs, &tables, scored_at, out);
+                }
+                txs.clear();
+                current = Some(p);
+            }
+            let rec = &q.item;
+            match &rec.event {
+                Event::Tx(tx) => match self.model.features.requirements().check(tx) {
+                    Ok(()) => {
+                        state.advance(p, tx.event_time_ms, stream_time.get(&p).copied());
+                        self.features_and_apply(p, tx, &tables, state, loader)?;
+                        txs.push((tx, &rec.msg));
+                    }
+                    // Decoded for a model swapped out since, and not what this one reads.
+                    Err(e) => {
+                        dead[e.kind as usize] += 1;
+                        out.dead_letters.push(dead_letter(&rec.msg, &e));
+                    }
+                },
+                Event::Nav(n) => {
+                    state.advance(p, n.event_time_ms, stream_time.get(&p).copied());
+                    self.apply_navigation(p, n, state, loader)?;
+                }
+                Event::Bad(e) => {
+                    dead[e.kind as usize] += 1;
+                    out.dead_letters.push(dead_letter(&rec.msg, e));
+                }
+                Event::Forward {
+                    kind,
+                    customer,
+                    partition,
+                } => {
+                    forwarded += 1;
+                    out.forwards
+                        .push(forward(&rec.msg, kind, customer, *partition));
+                }
+            }
+        }
+        if current.is_some() {
+            self.score_partition(&txs, &tables, scored_at, out);
+        }
+        if forwarded > 0 {
+            metrics::counter!(telemetry::REPARTITIONED).increment(forwarded);
+        }
+        for (kind, n) in ErrorKind::ALL.iter().zip(dead) {
+            if n > 0 {
+                tracing::warn!(kind = kind.as_str(), count = n, "Messages dead-lettered.");
+                metrics::counter!(telemetry::DEAD_LETTERS, "kind" => kind.as_str()).increment(n);
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_navigation(
+        &mut self,
+        partition: i32,
+        n: &NavigationEvent,
+        state: &mut StateBatch,
+        loader: &impl Loader,
+    ) -> Result<(), StateError> {
+        engine::navigation(partition, n, &self.hasher, state, loader)
+    }
+
+    /// Appends the transaction's model row (and audit, shadow and rule rows) computed from
+    /// its customer's, merchant's and session's state and the global tables, then applies
+    /// the transaction to that state.
+    fn features_and_apply(
+        &mut self,
+        partition: i32,
+        tx: &Transaction,
+        tables: &GlobalTables,
+        state: &mut StateBatch,
+        loader: &impl Loader,
+    ) -> Result<(), StateError> {
+        let rejected = self
+            .enabled
+            .as_ref()
+            .is_some_and(|e| !e.contains(&tx.merchant_id));
+        self.rejected.push(rejected);
+        let mut rows: Vec<(&FeatureSet, &mut Vec<f32>)> = Vec::with_capacity(4);
+        if !rejected {
+            rows.push((&self.model.features, &mut self.rows));
+            if let Some(shadow) = &self.scoring.shadow {
+                self.shadow_ok
+                    .push(shadow.features.requirements().check(tx).is_ok());
+                rows.push((&shadow.features, &mut self.shadow_rows));
+            }
+        }
+        if let Some(audit) = &self.audit {
+            rows.push((audit, &mut self.audit_rows));
+        }
+        rows.push((&self.rules.features, &mut self.rule_rows));
+        // A transaction of a merchant not enabled still updates state (replay computes the
+        // same features) but is not scored.
+        engine::transaction(
+            partition,
+            tx,
+            &self.hasher,
+            tables,
+            state,
+            loader,
+            &mut rows,
+        )
+    }
+
+    /// Scores the rows collected for one partition's transactions, decides each with the
+    /// rules, and encodes their verdicts into `out`. Never fails: without the model, rules
+    /// decide.
+    fn score_partition(
+        &mut self,
+        txs: &[(&Transaction, &OwnedMessage)],
+        tables: &GlobalTables,
+        scored_at: i64,
+        out: &mut Output,
+    ) {
+        if txs.is_empty() {
+            return;
+        }
+        let n = self.rejected.iter().filter(|r| !**r).count();
+        let scored = self.scoring.score(&mut self.rows, n, &self.shadow_rows);
+        let manifest = &self.model.manifest;
+        let width = self.model.features.len();
+        let rule_width = self.rules.features.len();
+        let (scores, degraded) = match &scored.primary {
+            Ok(s) => (Some(s.as_slice()), None),
+            Err(reason) => (None, Some(reason)),
+        };
+        // Row `j` of the model's rows: transactions of enabled merchants, in order.
+        let mut j = 0;
+        for (i, (tx, msg)) in txs.iter().enumerate() {
+            let mut verdict = if self.rejected[i] {
+                Verdict::rejected(tx, scored_at)
+            } else {
+                let inputs = rules::Inputs {
+                    tx,
+                    features: &self.rule_rows[i * rule_width..(i + 1) * rule_width],
+                };
+                let mut rule_reasons = Vec::new();
+                self.fired.clear();
+                for rule in self.rules.fired(&inputs) {
+                    self.fired.push(rule.action);
+                    metrics::counter!(telemetry::RULE_HITS, "rule" => rule.code.clone())
+                        .increment(1);
+                    rule_reasons.push(Reason {
+                        code: rule.code.clone(),
+                        text: rule
+                            .render(&inputs, |e| blocklist_entry(&self.hasher, tables, tx, e)),
+                    });
+                }
+                let score = scores.map(|s| s[j]);
+                let facts = Facts {
+                    tx,
+                    scored_at,
+                    model_version: &manifest.model_version,
+                    thresholds: &manifest.thresholds,
+                    score,
+                    degraded,
+                    fired: &self.fired,
+                    rule_reasons,
+                    on_model_failure: self.rules.on_model_failure,
+                };
+                let (explainer, k, contributions, rows) = (
+                    &self.model.explainer,
+                    self.model_reasons,
+                    &mut self.contributions,
+                    &self.rows,
+                );
+                let names = self.model.features.names();
+                // Only called with a score, so the model's rows are there.
+                let mut v = assemble(facts, || match explainer {
+                    Some(ex) if k > 0 => {
+                        let row = &rows[j * width..(j + 1) * width];
+                        contributions.resize(width, 0.0);
+                        ex.contributions(row, contributions);
+                        top_contributions(contributions, row, names, k)
+                    }
+                    _ => Vec::new(),
+                });
+                if let Some((s, shadow_scores)) = scored.shadow {
+                    if self.shadow_ok[j] {
+                        let score = shadow_scores[j];
+                        v.shadow = Some(ShadowScore {
+                            model_version: s.model_version.clone(),
+                            score,
+                            decision: s.thresholds.decide(score),
+                        });
+                    }
+                }
+                j += 1;
+                v
+            };
+            if let Some(audit) = &self.audit {
+                let row = &self.audit_rows[i * audit.len()..(i + 1) * audit.len()];
+                verdict.features = Some(
+                    audit
+                        .names()
+                        .iter()
+                        .cloned()
+                        .zip(row.iter().copied())
+                        .collect(),
+                );
+            }
+            let mut payload = Vec::with_capacity(256);
+            match self.verdict_format {
+                VerdictFormat::Json => verdict.write_json(&mut payload),
+                VerdictFormat::Avro => verdict.write_avro(self.verdict_schema_id, &mut payload),
+            }
+            out.decisions.push((verdict.decision, verdict.event_time));
+            out.verdicts.push(OutRecord {
+                topic: Topic::Verdicts,
+                partition: None,
+                key: Some(verdict.transaction_id.into_bytes()),
+                payload: Some(payload),
+                headers: None,
+                // As Kafka Streams does: the output record carries its input's timestamp,
+                // so a reader measures produced -> verdict from the record alone.
+                timestamp: msg.timestamp().to_millis(),
+            });
+        }
+        self.rows.clear();
+        self.audit_rows.clear();
+        self.rule_rows.clear();
+        self.rejected.clear();
+        self.shadow_rows.clear();
+        self.shadow_ok.clear();
+    }
+}
+
+/// Sets the info metric of a model: 1 in service, 0 replaced.
+pub fn model_info(role: Role, manifest: &model::Manifest, value: f64) {
+    metrics::gauge!(telemetry::MODEL_INFO, "model" => role.as_str(), "model_version" => manifest.model_version.clone())
+        .set(value);
+}
+
+/// `{blocklist.<entity>}` in a rule's text: the entry that matched, as its reference and reason.
+fn blocklist_entry(
+    hasher: &Hasher,
+    tables: &GlobalTables,
+    tx: &Transaction,
+    entity: crate::features::Entity,
+) -> Option<String> {
+    let id = engine::entity_id(tx, entity)?;
+    let hash = crate::state::global::hash(hasher, entity, id);
+    let reason = tables.block_reason(entity, hash, tx.event_time_ms)?;
+    Some(format!("blocklist entry {}:{id}, {reason}", entity.name()))
+}
+
+/// The `k` features with the largest positive contributions, as reasons.
+fn top_contributions(
+    contributions: &[f64],
+    row: &[f32],
+    names: &[String],
+    k: usize,
+) -> Vec<Reason> {
+    let mut top: Vec<usize> = (0..contributions.len())
+        .filter(|&i| contributions[i] > 0.0)
+        .collect();
+    top.sort_by(|&a, &b| contributions[b].total_cmp(&contributions[a]));
+    top.truncate(k);
+    top.into_iter()
+        .map(|i| Reason {
+            code: format!("feature:{}", names[i]),
+            text: format!(
+                "{} = {} raised the score (+{:.2} log-odds)",
+                crate::features::describe(&names[i]),
+                rules::format_number(f64::from(row[i])),
+                contributions[i]
+            ),
+        })
+        .collect()
+}
+
+/// With `output.audit-features`: the model's features, then every other named one.
+fn audit_set(features: &FeatureSet) -> anyhow::Result<FeatureSet> {
+    let mut names = features.names().to_vec();
+    for n in FeatureSet::all_named().names() {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    Ok(FeatureSet::resolve(&names)?)
+}
+
+/// A record re-keyed by its customer, to the repartition topic's partition for it, with the
+/// original value, headers saying what it is, and its timestamp.
+fn forward(m: &OwnedMessage, kind: &str, customer: &str, partition: i32) -> OutRecord {
+    let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+        key: KIND_HEADER,
+        value: Some(kind),
+    });
+    OutRecord {
+        topic: Topic::Repartition,
+        partition: Some(partition),
+        key: Some(customer.as_bytes().to_vec()),
+        payload: m.payload().map(<[u8]>::to_vec),
+        headers: Some(headers),
+        timestamp: m.timestamp().to_millis(),
+    }
+}
+
+/// The original key, bytes and timestamp, unchanged, with headers saying what was wrong and
+/// where the message came from.
+fn dead_letter(m: &OwnedMessage, e: &DecodeError) -> OutRecord {
+    let partition = m.partition().to_string();
+    let offset = m.offset().to_string();
+    let headers = OwnedHeaders::new_with_capacity(5)
+        .insert(Header {
+            key: headers::ERROR_KIND,
+            value: Some(e.kind.as_str()),
+        })
+        .insert(Header {
+            key: headers::ERROR_MESSAGE,
+            value: Some(e.message.as_str()),
+        })
+        .insert(Header {
+            key: headers::SOURCE_TOPIC,
+            value: Some(m.topic()),
+        })
+        .insert(Header {
+            key: headers::SOURCE_PARTITION,
+            value: Some(partition.as_str()),
+        })
+        .insert(Header {
+            key: headers::SOURCE_OFFSET,
+            value: Some(offset.as_str()),
+        });
+    OutRecord {
+        topic: Topic::DeadLetter,
+        partition: None,
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec),
+        headers: Some(headers),
+        timestamp: m.timestamp().to_millis(),
+    }
+}

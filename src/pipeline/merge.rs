@@ -1,0 +1,374 @@
+//! The event-time merge of a task's inputs (Kafka Streams' record queues and partition
+//! group): partition p of navigation, repartition and transactions is one task, and its
+//! records are processed in event-time order across the three.
+//!
+//! The rule: the record with the earliest event time among the heads of the task's queues
+//! goes next (at equal times, the lower input index first, so a page view of the same
+//! millisecond counts for the purchase). While an input of the task has nothing buffered and
+//! may still deliver an earlier record (it is not caught up, [`Progress`] says), the task
+//! waits, at most `max_idle` from when it started waiting; then it goes on without that
+//! input, and the merge says so once per episode. Records that touch no state (bad ones,
+//! forwards) carry the earliest time and never wait.
+//!
+//! Owns the buffered records and nothing else: no I/O; what is caught up is asked of
+//! [`Progress`], which the pipeline answers from the consumer.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// The inputs of a task, in tie-break order.
+pub const INPUTS: usize = 3;
+pub const NAV: usize = 0;
+pub const REPARTITION: usize = 1;
+pub const TX: usize = 2;
+
+/// Whether an input partition has delivered everything it has now.
+pub trait Progress {
+    fn caught_up(&mut self, input: usize, partition: i32) -> bool;
+}
+
+/// One buffered record.
+#[derive(Debug)]
+pub struct Queued<T> {
+    pub input: usize,
+    pub partition: i32,
+    /// Event time; `i64::MIN` for a record that touches no state.
+    pub time: i64,
+    pub arrived: Instant,
+    pub item: T,
+}
+
+#[derive(Debug)]
+struct Task<T> {
+    queues: [VecDeque<Queued<T>>; INPUTS],
+    /// Since when the task has been waiting for an input that is not caught up.
+    blocked_since: Option<Instant>,
+    /// The wait ran out in this episode (reported once).
+    gave_up: bool,
+}
+
+impl<T> Default for Task<T> {
+    fn default() -> Self {
+        Task {
+            queues: Default::default(),
+            blocked_since: None,
+            gave_up: false,
+        }
+    }
+}
+
+/// What [`Merge::select`] noticed, for the caller to log and count.
+#[derive(Debug, Default, PartialEq)]
+pub struct Selected {
+    /// Partitions that stopped waiting for an input this call (max idle ran out), with how
+    /// long they waited.
+    pub gave_up: Vec<(i32, Duration)>,
+    /// How long each selected transaction waited in the merge.
+    pub tx_waits: Vec<Duration>,
+}
+
+#[derive(Debug)]
+pub struct Merge<T> {
+    tasks: BTreeMap<i32, Task<T>>,
+    /// Which inputs exist (an input not read never holds a task back).
+    present: [bool; INPUTS],
+    max_idle: Duration,
+    buffered: usize,
+    /// Where the next selection starts, so that under backlog every partition is served in
+    /// turn, not the lowest-numbered first.
+    next_start: i32,
+}
+
+impl<T> Merge<T> {
+    pub fn new(present: [bool; INPUTS], max_idle: Duration) -> Merge<T> {
+        Merge {
+            tasks: BTreeMap::new(),
+            present,
+            max_idle,
+            buffered: 0,
+            next_start: 0,
+        }
+    }
+
+    pub fn push(&mut self, q: Queued<T>) {
+        let task = self.tasks.entry(q.partition).or_default();
+        task.queues[q.input].push_back(q);
+        self.buffered += 1;
+    }
+
+    /// Records buffered, over all partitions.
+    pub fn buffered(&self) -> usize {
+        self.buffered
+    }
+
+    /// Records buffered for `input` of `partition`.
+    pub fn queued(&self, input: usize, partition: i32) -> usize {
+        self.tasks
+            .get(&partition)
+            .map_or(0, |t| t.queues[input].len())
+    }
+
+    /// Forgets what is buffered for `partition` (revoked, or rewound).
+    pub fn drop_partition(&mut self, partition: i32) {
+        if let Some(task) = self.tasks.remove(&partition) {
+            self.buffered -= task.queues.iter().map(VecDeque::len).sum::<usize>();
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.tasks.clear();
+        self.buffered = 0;
+    }
+
+    /// Moves up to `max` records that may be processed now into `out`, each partition's in
+    /// event-time order, partitions served in turn.
+    pub fn select(
+        &mut self,
+        progress: &mut impl Progress,
+        max: usize,
+        now: Instant,
+        out: &mut Vec<Queued<T>>,
+    ) -> Selected {
+        let mut seen = Selected::default();
+        let limit = out.len() + max;
+        let partitions: Vec<i32> = self.tasks.keys().copied().collect();
+        let first = partitions
+            .iter()
+            .position(|&p| p >= self.next_start)
+            .unwrap_or(0);
+        let order = partitions[first..].iter().chain(&partitions[..first]);
+        // Each partition takes at most its share of `max` in this round, so one partition's
+        // backlog does not crowd out the others; what is left over goes round again.
+        let share = (max / partitions.len().max(1)).max(1);
+        let mut last = None;
+        for &p in order {
+            if out.len() >= limit {
+                break;
+            }
+            let quota = share.min(limit - out.len());
+            self.select_partition(p, progress, quota, now, out, &mut seen);
+            last = Some(p);
+        }
+        if let Some(p) = last {
+            self.next_start = p + 1;
+        }
+        for &p in &partitions {
+            if out.len() >= limit {
+                break;
+            }
+            let quota = limit - out.len();
+            self.select_partition(p, progress, quota, now, out, &mut seen);
+        }
+        seen
+    }
+
+    fn select_partition(
+        &mut self,
+        p: i32,
+        progress: &mut impl Progress,
+        quota: usize,
+        now: Instant,
+        out: &mut Vec<Queued<T>>,
+        seen: &mut Selected,
+    ) {
+        let Some(task) = self.tasks.get_mut(&p) else {
+            return;
+        };
+        let mut taken = 0;
+        while taken < quota {
+            let head = (0..INPUTS)
+                .filter_map(|i| task.queues[i].front().map(|h| (h.time, i)))
+                .min();
+            let Some((time, i)) = head else { break };
+            if time != i64::MIN {
+                let waiting = (0..INPUTS).any(|j| {
+                    j != i
+                        && self.present[j]
+                        && task.queues[j].is_empty()
+                        && !progress.caught_up(j, p)
+                });
+                if waiting {
+                    // Idle time counts from when the task started waiting, not from the
+                    // record's arrival: a record can sit long in a backlog of its own input
+                    // without any input being idle.
+                    let since = *task.blocked_since.get_or_insert(now);
+                    if now.duration_since(since) < self.max_idle {
+                        break;
+                    }
+                    if !task.gave_up {
+                        task.gave_up = true;
+                        seen.gave_up.push((p, now.duration_since(since)));
+                    }
+                } else {
+                    task.blocked_since = None;
+                    task.gave_up = false;
+                }
+            }
+            let rec = task.queues[i].pop_front().expect("head");
+            if i == TX {
+                seen.tx_waits.push(now.duration_since(rec.arrived));
+            }
+            self.buffered -= 1;
+            out.push(rec);
+            taken += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    /// Caught up: the inputs (by index) in the set.
+    struct Caught(HashSet<usize>);
+
+    impl Progress for Caught {
+        fn caught_up(&mut self, input: usize, _: i32) -> bool {
+            self.0.contains(&input)
+        }
+    }
+
+    fn all() -> Caught {
+        Caught((0..INPUTS).collect())
+    }
+
+    fn q(input: usize, partition: i32, time: i64, at: Instant) -> Queued<(usize, i64)> {
+        Queued {
+            input,
+            partition,
+            time,
+            arrived: at,
+            item: (input, time),
+        }
+    }
+
+    fn items(out: &[Queued<(usize, i64)>]) -> Vec<(usize, i64)> {
+        out.iter().map(|r| r.item).collect()
+    }
+
+    #[test]
+    fn earliest_head_first_and_navigation_before_a_purchase_of_the_same_time() {
+        let now = Instant::now();
+        let mut m = Merge::new([true; INPUTS], Duration::from_secs(1));
+        m.push(q(TX, 0, 10, now));
+        m.push(q(TX, 0, 30, now));
+        m.push(q(NAV, 0, 5, now));
+        m.push(q(NAV, 0, 30, now));
+        m.push(q(REPARTITION, 0, 20, now));
+        let mut out = Vec::new();
+        m.select(&mut all(), 100, now, &mut out);
+        assert_eq!(
+            items(&out),
+            vec![(NAV, 5), (TX, 10), (REPARTITION, 20), (NAV, 30), (TX, 30)]
+        );
+        assert_eq!(m.buffered(), 0);
+    }
+
+    #[test]
+    fn waits_for_an_input_that_is_behind_then_gives_up_once() {
+        let t0 = Instant::now();
+        let mut m = Merge::new([true, false, true], Duration::from_millis(50));
+        m.push(q(TX, 3, 100, t0));
+        let mut behind = Caught(HashSet::from([TX]));
+        let mut out = Vec::new();
+        let seen = m.select(&mut behind, 10, t0, &mut out);
+        assert!(
+            out.is_empty(),
+            "navigation may still bring an earlier event"
+        );
+        assert!(seen.gave_up.is_empty());
+        let later = t0 + Duration::from_millis(49);
+        m.select(&mut behind, 10, later, &mut out);
+        assert!(out.is_empty());
+        let expired = t0 + Duration::from_millis(50);
+        let seen = m.select(&mut behind, 10, expired, &mut out);
+        assert_eq!(items(&out), vec![(TX, 100)]);
+        assert_eq!(seen.gave_up, vec![(3, Duration::from_millis(50))]);
+        // Same episode: not reported again.
+        m.push(q(TX, 3, 101, expired));
+        let seen = m.select(&mut behind, 10, expired, &mut out);
+        assert!(seen.gave_up.is_empty());
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn records_that_touch_no_state_never_wait_and_absent_inputs_are_not_waited_for() {
+        let now = Instant::now();
+        let mut m = Merge::new([true, false, true], Duration::from_secs(60));
+        m.push(q(TX, 0, i64::MIN, now));
+        let mut nothing = Caught(HashSet::new());
+        let mut out = Vec::new();
+        m.select(&mut nothing, 10, now, &mut out);
+        assert_eq!(out.len(), 1, "a bad record goes at once");
+        let mut m = Merge::new([false, false, true], Duration::from_secs(60));
+        m.push(q(TX, 0, 7, now));
+        let mut out = Vec::new();
+        m.select(&mut nothing, 10, now, &mut out);
+        assert_eq!(out.len(), 1, "no other input to wait for");
+    }
+
+    #[test]
+    fn partitions_are_served_in_turn_under_backlog() {
+        let now = Instant::now();
+        let mut m = Merge::new([false, false, true], Duration::from_secs(1));
+        for p in 0..4 {
+            for t in 0..100 {
+                m.push(q(TX, p, t, now));
+            }
+        }
+        let mut out = Vec::new();
+        m.select(&mut all(), 40, now, &mut out);
+        let mut per = [0; 4];
+        for r in &out {
+            per[r.partition as usize] += 1;
+        }
+        assert_eq!(per, [10, 10, 10, 10], "an equal share each");
+        m.drop_partition(2);
+        assert_eq!(m.buffered(), 400 - 40 - 90);
+    }
+
+    proptest! {
+        /// With every input caught up, each partition's records come out in the order of a
+        /// reference k-way merge of its queues by (time, input), whatever the batch size and
+        /// however the records are spread over partitions.
+        #[test]
+        fn order_is_the_merge_of_the_queues_by_time(
+            records in proptest::collection::vec((0usize..INPUTS, 0i32..3, 0i64..50), 0..200),
+            batch in 1usize..40,
+        ) {
+            let now = Instant::now();
+            let mut m = Merge::new([true; INPUTS], Duration::from_secs(1));
+            for &(input, p, t) in &records {
+                m.push(q(input, p, t, now));
+            }
+            let mut out = Vec::new();
+            while m.buffered() > 0 {
+                let before = out.len();
+                m.select(&mut all(), batch, now, &mut out);
+                prop_assert!(out.len() > before);
+                prop_assert!(out.len() - before <= batch);
+            }
+            for p in 0..3 {
+                let mut queues: [VecDeque<i64>; INPUTS] = Default::default();
+                for &(input, q_p, t) in &records {
+                    if q_p == p {
+                        queues[input].push_back(t);
+                    }
+                }
+                let mut want = Vec::new();
+                while let Some((t, i)) = (0..INPUTS)
+                    .filter_map(|i| queues[i].front().map(|&t| (t, i)))
+                    .min()
+                {
+                    queues[i].pop_front();
+                    want.push((i, t));
+                }
+                let got: Vec<(usize, i64)> =
+                    out.iter().filter(|r| r.partition == p).map(|r| r.item).collect();
+                prop_assert_eq!(got, want);
+            }
+        }
+    }
+}

@@ -1,0 +1,779 @@
+//! The service: start-up, then one loop that polls the inputs, merges each task's records in
+//! event time, processes them in batches and commits.
+//!
+//! - [`topology`]: what `run` needs of the cluster (shared with `validate`).
+//! - [`intake`]: a consumed message → a decoded, routed record of its task.
+//! - [`merge`]: each task's inputs in event-time order (pure, unit-tested).
+//! - [`rebalance`]: the consumer's callbacks and the restore of assigned partitions.
+//! - [`batch`]: records → state, feature rows, scores, verdicts (no I/O).
+//! - [`score`]: the primary and shadow models under one latency budget.
+//! - [`commit`]: the transaction; where the order of outputs, state and offsets lives.
+//!
+//! The loop runs on a thread of its own with a [`GroupConsumer`]; its state is a [`Core`]
+//! behind a mutex that the loop holds except while it polls, when the consumer's rebalance
+//! callbacks take it (to commit before a revoke, to plan restores after an assign).
+//!
+//! Errors say what happens next: a bad record is poison (dead letter, move on); an aborted
+//! transaction is retried (uncommitted state dropped, consumer rewound to the committed
+//! offsets); a state or fatal producer error ends the loop (drain, exit non-zero).
+
+pub mod batch;
+pub mod commit;
+pub mod intake;
+pub mod merge;
+pub mod rebalance;
+pub mod score;
+pub mod topology;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use self::batch::{model_info, Output, Processor};
+use self::commit::{CommitError, Committer};
+use self::intake::Record;
+use self::merge::{Merge, Progress, Queued, INPUTS, NAV, REPARTITION, TX};
+use self::rebalance::{GroupConsumer, GroupContext, Restorer};
+use self::score::Scoring;
+use crate::config::Settings;
+use crate::decision::rules::RuleSet;
+use crate::decision::Decision;
+use crate::decode::{Decoder, ErrorKind};
+use crate::model::reload::{self, ReloadHandle, Role};
+use crate::model::runner::Runner;
+use crate::model::{self, Model};
+use crate::source::global::GlobalReader;
+use crate::source::{self};
+use crate::state::store::{ENTITY_TTL_MS, EXPIRY_GRACE_MS};
+use crate::state::{Hasher, StateBatch, Store};
+use crate::telemetry::{self, Readiness};
+
+/// Records of one input partition the merge may hold before its fetching is paused.
+const PAUSE_AT: usize = 50_000;
+
+/// How long a partition's end offset asked of the broker is trusted.
+const WATERMARK_TTL: Duration = Duration::from_millis(20);
+
+/// Event time a partition's stream time moves between two expiry scans of its state (the
+/// first scan is at its first commit).
+const EXPIRY_EVERY_MS: i64 = 3_600_000;
+
+/// Entities one expiry scan removes at most (the rest wait for the next commit).
+const EXPIRY_LIMIT: usize = 10_000;
+
+/// Fatal producer errors in a row after which the instance gives up (a new producer is
+/// made after each: it fences the old one and aborts its transaction).
+const MAX_PRODUCER_RESETS: u32 = 5;
+
+/// Runs fraudstream until `shutdown` is cancelled. Errors are fatal: the caller exits
+/// non-zero, and nothing uncommitted became visible.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // SIGHUP reloads the model (and would otherwise end the process).
+    let reloads = ReloadHandle::default();
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+        let reloads = reloads.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: loading the model files again.");
+                reloads.request();
+            }
+        });
+    }
+    let readiness = Readiness::default();
+    let prometheus = telemetry::install().context("cannot install the metrics recorder")?;
+    // Export every counter from the start, at zero, so rates and dashboards work before
+    // the first event of each kind.
+    for kind in ErrorKind::ALL {
+        metrics::counter!(telemetry::DEAD_LETTERS, "kind" => kind.as_str()).increment(0);
+    }
+    for d in Decision::ALL {
+        metrics::counter!(telemetry::VERDICTS, "decision" => d.as_str()).increment(0);
+    }
+    for result in ["committed", "aborted"] {
+        metrics::counter!(telemetry::COMMITS, "result" => result).increment(0);
+    }
+    metrics::counter!(telemetry::RESTORED_RECORDS).increment(0);
+    metrics::counter!(telemetry::REPARTITIONED).increment(0);
+    metrics::counter!(telemetry::EXPIRED).increment(0);
+    for table in ["labels", "blocklist"] {
+        metrics::gauge!(telemetry::GLOBAL_ENTRIES, "table" => table).set(0.0);
+    }
+    let admin: Arc<dyn telemetry::Admin> = Arc::new(reloads.clone());
+    let (addr, http) = telemetry::serve(
+        settings.metrics.listen,
+        prometheus,
+        readiness.clone(),
+        admin,
+        shutdown.clone(),
+    )
+    .await?;
+    tracing::info!(%addr, "Metrics endpoint listening.");
+
+    let env = model::init_runtime(settings.onnxruntime_library().as_deref())?;
+    let model = Model::load(env, &settings.model.manifest)?;
+    model_info(Role::Primary, &model.manifest, 1.0);
+    tracing::info!(
+        model_version = %model.manifest.model_version,
+        features = model.features.len(),
+        "Model loaded."
+    );
+    let shadow = match &settings.model.shadow {
+        Some(path) => {
+            let shadow = Model::load(env, path)?;
+            model_info(Role::Shadow, &shadow.manifest, 1.0);
+            tracing::info!(
+                model_version = %shadow.manifest.model_version,
+                features = shadow.features.len(),
+                "Shadow model loaded: it scores every transaction and never decides."
+            );
+            Some(shadow)
+        }
+        None => None,
+    };
+    let rules = match &settings.decision.rules {
+        Some(path) => {
+            let r = RuleSet::load(path)?;
+            tracing::info!(version = %r.version, rules = r.rules.len(), "Rules loaded.");
+            r
+        }
+        None => RuleSet::empty(),
+    };
+    let mut watched = vec![(Role::Primary, settings.model.manifest.clone())];
+    watched.extend(
+        settings
+            .decision
+            .rules
+            .iter()
+            .map(|p| (Role::Rules, p.clone())),
+    );
+    watched.extend(
+        settings
+            .model
+            .shadow
+            .iter()
+            .map(|p| (Role::Shadow, p.clone())),
+    );
+    reload::start(
+        env,
+        watched,
+        Duration::from_millis(settings.model.watch_interval_ms),
+        reloads.clone(),
+        shutdown.clone(),
+    )
+    .context("cannot start the model watcher")?;
+    let decoder = Decoder::new(&settings.input, model.features.requirements())?;
+    let store = Store::open(&settings.state.path)?;
+    let secret = settings.state.hmac_secret.resolve("state.hmac-secret")?;
+    if secret == crate::config::DEV_HMAC_SECRET {
+        tracing::warn!("Using the development HMAC secret for state keys; set state.hmac-secret in production.");
+    }
+    let hasher = Hasher::new(secret.as_bytes());
+
+    // The cluster: topics, co-partitioning, internal topics.
+    let topology = {
+        let probe: BaseConsumer = source::client_config(&settings)?
+            .create()
+            .map_err(|e| anyhow::anyhow!("cannot create a Kafka client: {e}"))?;
+        let md = source::wait_for_metadata(&probe, &settings.brokers, &shutdown).await?;
+        let (topology, findings) = topology::check(&settings, &md);
+        for f in &findings {
+            tracing::debug!(finding = %f, "Topology.");
+        }
+        match topology {
+            Some(t) => t,
+            None => {
+                let problems: Vec<String> = findings
+                    .iter()
+                    .filter(|f| f.level == topology::Level::Problem)
+                    .map(|f| f.message.clone())
+                    .collect();
+                anyhow::bail!("cannot start: {}", problems.join("; "));
+            }
+        }
+    };
+    source::create_internal_topics(
+        &settings,
+        &topology.missing_internal,
+        topology.partitions as i32,
+    )
+    .await?;
+
+    let global = GlobalReader::start(&settings, hasher.clone(), shutdown.clone())?;
+    global.wait_loaded(&shutdown).await?;
+    readiness.set_global_loaded(true);
+
+    let transactional_id = format!("{}-{}", settings.group_id, store.instance_id()?);
+    tracing::info!(%transactional_id, guarantee = ?settings.processing.guarantee, "Processing guarantee.");
+    let committer = Committer::new(&settings, &transactional_id)?;
+    let budget = settings.decision.latency_budget_ms;
+    let view = model.view();
+    let runner = Runner::start(model, (budget > 0).then(|| Duration::from_millis(budget)))
+        .context("cannot start the model thread")?;
+    let scoring = Scoring::new(
+        runner,
+        shadow,
+        (budget > 0).then(|| Duration::from_millis(budget)),
+    );
+    let processor = Processor::new(
+        &settings,
+        view,
+        scoring,
+        rules,
+        hasher,
+        global.tables.clone(),
+    )?;
+
+    let topics = &settings.topics;
+    let mut inputs: [Option<String>; INPUTS] = [None, None, None];
+    inputs[NAV] = (!topics.navigation.is_empty()).then(|| topics.navigation.clone());
+    inputs[REPARTITION] = Some(settings.repartition_topic());
+    inputs[TX] = Some(topics.transactions.clone());
+    let core = Core {
+        inputs: inputs.clone(),
+        partitions: topology.partitions,
+        max_records: settings.batch.max_records,
+        max_wait: Duration::from_millis(settings.batch.max_wait_ms),
+        decoder,
+        reloads,
+        processor,
+        merge: Merge::new(
+            inputs.clone().map(|i| i.is_some()),
+            Duration::from_millis(settings.batch.max_task_idle_ms),
+        ),
+        state: StateBatch::default(),
+        store,
+        committer,
+        transactional_id,
+        settings: settings.clone(),
+        producer_resets: 0,
+        restorer: Restorer::new(&settings)?,
+        readiness: readiness.clone(),
+        assigned: BTreeSet::new(),
+        stream_time: HashMap::new(),
+        scanned_at: HashMap::new(),
+        next_offset: HashMap::new(),
+        committed: HashMap::new(),
+        watermarks: HashMap::new(),
+        flow_paused: BTreeSet::new(),
+        ready: Vec::new(),
+        output: Output::default(),
+        processed: HashMap::new(),
+        rewind: false,
+    };
+    let core = Arc::new(Mutex::new(core));
+    let consumer: GroupConsumer = source::client_config(&settings)?
+        .create_with_context(GroupContext { core: core.clone() })
+        .map_err(|e| anyhow::anyhow!("cannot create the Kafka consumer: {e}"))?;
+    let subscribed: Vec<&str> = inputs.iter().flatten().map(String::as_str).collect();
+    for t in &subscribed {
+        metrics::counter!(telemetry::MESSAGES_CONSUMED, "topic" => t.to_string()).increment(0);
+    }
+    consumer
+        .subscribe(&subscribed)
+        .context("cannot subscribe")?;
+    tracing::info!(topics = ?subscribed, group = %settings.group_id, "Consuming.");
+
+    let stop = shutdown.clone();
+    let looping = tokio::task::spawn_blocking(move || {
+        let result = process_loop(&consumer, &core, &stop);
+        // Drain: the last commit, then leave the group (its revoke callback finds nothing
+        // open), then the store closes with the core. After an error the open transaction
+        // may hold half a batch: it is aborted instead.
+        let last = {
+            let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
+            if result.is_ok() {
+                core.commit(&consumer)
+            } else {
+                core.committer.abort();
+                core.state.clear();
+                Ok(())
+            }
+        };
+        match &last {
+            Ok(()) if result.is_ok() => tracing::info!("Committed; leaving the group."),
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "Final commit failed; the last records are processed again after a restart.")
+            }
+        }
+        consumer.unsubscribe();
+        drop(consumer);
+        result.and(last)
+    });
+    let result = looping.await.context("the processing thread panicked")?;
+    shutdown.cancel();
+    drop(global);
+    let _ = http.await;
+    result
+}
+
+/// Polls, processes and commits until `shutdown` is cancelled or a fatal error.
+fn process_loop(
+    consumer: &GroupConsumer,
+    core: &Mutex<Core>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut msgs: Vec<OwnedMessage> = Vec::new();
+    let (max_records, max_wait) = {
+        let c = core.lock().unwrap_or_else(|e| e.into_inner());
+        (c.max_records, c.max_wait)
+    };
+    while !shutdown.is_cancelled() {
+        // Poll without the core: the rebalance callbacks run inside `poll` and take it.
+        let wait = core.lock().unwrap_or_else(|e| e.into_inner()).poll_wait();
+        msgs.clear();
+        if let Some(r) = consumer.poll(wait) {
+            take(r, &mut msgs);
+            let deadline = Instant::now() + max_wait;
+            while msgs.len() < max_records {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match consumer.poll(left) {
+                    Some(r) => take(r, &mut msgs),
+                    None => break,
+                }
+            }
+        }
+        let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
+        core.accept(msgs.drain(..));
+        core.step(consumer)?;
+    }
+    Ok(())
+}
+
+fn take(
+    r: rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>,
+    into: &mut Vec<OwnedMessage>,
+) {
+    match r {
+        Ok(m) => into.push(m.detach()),
+        Err(e) => tracing::warn!(error = %e, "Consumer error."),
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Everything the loop and the rebalance callbacks share.
+pub struct Core {
+    /// Input topic names by [`NAV`], [`REPARTITION`], [`TX`]; `None` when not read.
+    inputs: [Option<String>; INPUTS],
+    /// Partitions of each input.
+    partitions: u32,
+    max_records: usize,
+    max_wait: Duration,
+    decoder: Decoder,
+    /// Where the model watcher leaves newly checked models.
+    reloads: ReloadHandle,
+    processor: Processor,
+    merge: Merge<Record>,
+    /// State changed since the last commit: read first, written to the store at the commit.
+    state: StateBatch,
+    store: Store,
+    committer: Committer,
+    transactional_id: String,
+    settings: Settings,
+    /// Producers made anew after fatal errors, in a row.
+    producer_resets: u32,
+    restorer: Restorer,
+    readiness: Readiness,
+    assigned: BTreeSet<i32>,
+    /// Committed stream time per partition.
+    stream_time: HashMap<i32, i64>,
+    /// Stream time of a partition's last expiry scan.
+    scanned_at: HashMap<i32, i64>,
+    /// Next offset to arrive per (input, partition): the last delivered + 1, or where the
+    /// partition resumed.
+    next_offset: HashMap<(usize, i32), i64>,
+    /// Committed input offset per (input, partition): where a rewind goes.
+    committed: HashMap<(usize, i32), i64>,
+    /// End offset per (input, partition) asked of the broker, and when.
+    watermarks: HashMap<(usize, i32), (i64, Instant)>,
+    /// Input partitions paused because the merge holds too many of their records.
+    flow_paused: BTreeSet<(usize, i32)>,
+    ready: Vec<Queued<Record>>,
+    output: Output,
+    /// Next offset per (input, partition) processed in the current batch.
+    processed: HashMap<(usize, i32), i64>,
+    /// A transaction was aborted: rewind to the committed offsets before going on.
+    rewind: bool,
+}
+
+impl Core {
+    /// How long the next poll may wait: until a commit is due, or a held-back record may go.
+    fn poll_wait(&self) -> Duration {
+        let mut wait = Duration::from_millis(100);
+        if let Some(due) = self.committer.due_in() {
+            wait = wait.min(due);
+        }
+        if self.merge.buffered() > 0 || self.restorer.restoring() > 0 {
+            wait = wait.min(self.max_wait.max(Duration::from_millis(1)));
+        }
+        wait
+    }
+
+    fn input_of(&self, topic: &str) -> Option<usize> {
+        self.inputs.iter().position(|t| t.as_deref() == Some(topic))
+    }
+
+    /// Decodes and buffers consumed messages.
+    fn accept(&mut self, msgs: impl Iterator<Item = OwnedMessage>) {
+        let mut consumed = [0u64; INPUTS];
+        let now = Instant::now();
+        for msg in msgs {
+            let Some(input) = self.input_of(msg.topic()) else {
+                continue;
+            };
+            let p = msg.partition();
+            // Fetched before the partition was paused for its restore: read again from the
+            // committed offset once restored.
+            if !self.assigned.contains(&p) || self.restorer.is_restoring(p) {
+                continue;
+            }
+            consumed[input] += 1;
+            self.next_offset.insert((input, p), msg.offset() + 1);
+            let q = intake::accept(&self.decoder, input, self.partitions, msg, now);
+            self.merge.push(q);
+        }
+        for (i, n) in consumed.into_iter().enumerate() {
+            if n > 0 {
+                if let Some(topic) = &self.inputs[i] {
+                    metrics::counter!(telemetry::MESSAGES_CONSUMED, "topic" => topic.clone())
+                        .increment(n);
+                }
+            }
+        }
+    }
+
+    /// One turn of the loop after a poll: restores, the merge, a batch, maybe a commit.
+    fn step(&mut self, consumer: &GroupConsumer) -> anyhow::Result<()> {
+        if self.rewind {
+            self.rewind(consumer);
+        }
+        self.restore_step(consumer)?;
+        self.flow_control(consumer);
+        self.select(consumer);
+        if !self.ready.is_empty() {
+            // Between batches: a model checked by the watcher takes over here, so that
+            // every batch is scored by one model.
+            if let Some(new) = self.reloads.take() {
+                if let Some(requirements) = self.processor.swap(new)? {
+                    self.decoder.set_requirements(requirements);
+                }
+            }
+            let started = Instant::now();
+            self.process_batch(consumer)?;
+            metrics::histogram!(telemetry::BATCH_DURATION).record(started.elapsed().as_secs_f64());
+        }
+        if self.committer.due_in() == Some(Duration::ZERO) {
+            self.commit(consumer)?;
+        }
+        Ok(())
+    }
+
+    fn select(&mut self, consumer: &GroupConsumer) {
+        self.ready.clear();
+        let mut progress = ConsumerProgress {
+            consumer,
+            inputs: &self.inputs,
+            next_offset: &self.next_offset,
+            watermarks: &mut self.watermarks,
+        };
+        let seen = self.merge.select(
+            &mut progress,
+            self.max_records,
+            Instant::now(),
+            &mut self.ready,
+        );
+        let merge_wait = metrics::histogram!(telemetry::MERGE_WAIT);
+        for w in seen.tx_waits {
+            merge_wait.record(w.as_secs_f64());
+        }
+        for (p, waited) in seen.gave_up {
+            tracing::info!(
+                partition = p,
+                waited_ms = waited.as_millis() as u64,
+                "An input of this partition is behind and idle; processing without it (batch.max-task-idle-ms)."
+            );
+        }
+    }
+
+    fn process_batch(&mut self, consumer: &GroupConsumer) -> anyhow::Result<()> {
+        self.processed.clear();
+        for q in &self.ready {
+            let e = self.processed.entry((q.input, q.partition)).or_insert(0);
+            *e = (*e).max(q.item.msg.offset() + 1);
+        }
+        let ready = std::mem::take(&mut self.ready);
+        let result = self.processor.process(
+            &ready,
+            &mut self.state,
+            &self.store,
+            &self.stream_time,
+            now_ms(),
+            &mut self.output,
+        );
+        self.ready = ready;
+        result?;
+        let inputs = &self.inputs;
+        let processed = self
+            .processed
+            .iter()
+            .filter_map(|(&(i, p), &next)| inputs[i].as_ref().map(|t| (t.clone(), p, next)));
+        let sent = self
+            .committer
+            .send(&mut self.output, processed.collect::<Vec<_>>());
+        if let Err(e) = sent {
+            self.output.clear();
+            self.failed(consumer, e)?;
+        }
+        Ok(())
+    }
+
+    /// Commits the open transaction, expiring idle state first where due.
+    fn commit(&mut self, consumer: &BaseConsumer<GroupContext>) -> anyhow::Result<()> {
+        if !self.committer.is_open() {
+            return Ok(());
+        }
+        self.expire();
+        let moved = self.state.stream_time.clone();
+        match self
+            .committer
+            .commit(consumer, &mut self.state, &self.store)
+        {
+            Ok(Some(done)) => {
+                self.producer_resets = 0;
+                for ((topic, p), next) in done.offsets {
+                    if let Some(i) = self.input_of(&topic) {
+                        self.committed.insert((i, p), next);
+                    }
+                }
+                self.stream_time.extend(moved);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => self.failed(consumer, e),
+        }
+    }
+
+    /// After a failed send or commit: drop what is uncommitted and rewind; a fatal producer
+    /// error makes a new producer (which fences the old one), a few times at most.
+    fn failed(
+        &mut self,
+        consumer: &BaseConsumer<GroupContext>,
+        e: CommitError,
+    ) -> anyhow::Result<()> {
+        match e {
+            CommitError::Aborted(why) => {
+                tracing::warn!(reason = %why, "Transaction aborted; processing again from the last commit.");
+                self.committer.abort();
+            }
+            CommitError::Fatal(why) => {
+                self.producer_resets += 1;
+                if self.producer_resets > MAX_PRODUCER_RESETS {
+                    anyhow::bail!("the transactional producer keeps failing ({why}); stopping");
+                }
+                tracing::warn!(reason = %why, "The transactional producer failed for good (fenced?); making a new one and processing again from the last commit.");
+                self.committer = Committer::new(&self.settings, &self.transactional_id)?;
+            }
+            CommitError::State(e) => return Err(e.into()),
+        }
+        self.state.clear();
+        self.merge.clear();
+        self.ready.clear();
+        self.rewind = true;
+        self.rewind(consumer);
+        Ok(())
+    }
+
+    /// Seeks every assigned input partition back to its committed offset.
+    fn rewind(&mut self, consumer: &BaseConsumer<GroupContext>) {
+        self.rewind = false;
+        for &p in &self.assigned {
+            if self.restorer.is_restoring(p) {
+                continue;
+            }
+            for (i, t) in self.inputs.iter().enumerate() {
+                let Some(t) = t else { continue };
+                let to = match self.committed.get(&(i, p)) {
+                    Some(&o) => Offset::Offset(o),
+                    None => Offset::Beginning,
+                };
+                if let Err(e) = consumer.seek(t, p, to, Duration::from_secs(10)) {
+                    tracing::warn!(topic = %t, partition = p, error = %e, "Cannot rewind; retrying.");
+                    self.rewind = true;
+                }
+                if let Offset::Offset(o) = to {
+                    self.next_offset.insert((i, p), o);
+                }
+            }
+        }
+    }
+
+    /// Drops what is buffered and uncommitted of a partition that is no longer this
+    /// instance's.
+    fn forget(&mut self, p: i32) {
+        self.assigned.remove(&p);
+        self.merge.drop_partition(p);
+        self.state.drop_partition(p);
+        self.stream_time.remove(&p);
+        self.scanned_at.remove(&p);
+        for i in 0..INPUTS {
+            self.next_offset.remove(&(i, p));
+            self.committed.remove(&(i, p));
+            self.watermarks.remove(&(i, p));
+            self.flow_paused.remove(&(i, p));
+        }
+        self.readiness.set(!self.assigned.is_empty());
+    }
+
+    /// Expiry: entities idle, by their own partition's stream time, for longer than the TTL
+    /// and the grace for late events are deleted, with a changelog tombstone each. Scans a
+    /// partition once its stream time has moved [`EXPIRY_EVERY_MS`] since the last scan.
+    fn expire(&mut self) {
+        let moved: Vec<(i32, i64)> = self
+            .state
+            .stream_time
+            .iter()
+            .map(|(&p, &t)| (p, t))
+            .collect();
+        for (p, t) in moved {
+            // Scanned at the first commit after the partition came, then as time moves.
+            let last = self.scanned_at.get(&p).copied();
+            if last.is_some_and(|last| t.saturating_sub(last) < EXPIRY_EVERY_MS) {
+                continue;
+            }
+            let cutoff = t.saturating_sub(ENTITY_TTL_MS + EXPIRY_GRACE_MS);
+            let n = self.state.expire_idle(p, cutoff);
+            if n > 0 {
+                metrics::counter!(telemetry::EXPIRED).increment(n as u64);
+            }
+            match self.store.idle(p, cutoff, EXPIRY_LIMIT) {
+                Ok(idle) => {
+                    // What the open transaction holds now is live (the idle ones of it were
+                    // expired above).
+                    let done: std::collections::HashSet<crate::state::Key> =
+                        self.state.expired.iter().map(|(_, k)| *k).collect();
+                    let mut n = 0u64;
+                    for (kind, key) in idle {
+                        let held = match kind {
+                            crate::state::EntityKind::Customer => {
+                                self.state.customers.contains_key(&key)
+                            }
+                            crate::state::EntityKind::Merchant => {
+                                self.state.merchants.contains_key(&key)
+                            }
+                            crate::state::EntityKind::Session => {
+                                self.state.sessions.contains_key(&key)
+                            }
+                        };
+                        if held || done.contains(&key) {
+                            continue;
+                        }
+                        self.state.expired.push((kind, key));
+                        n += 1;
+                    }
+                    if n > 0 {
+                        metrics::counter!(telemetry::EXPIRED).increment(n);
+                    }
+                    tracing::debug!(
+                        partition = p,
+                        stream_time = t,
+                        cutoff,
+                        expired = n,
+                        "Expiry scan."
+                    );
+                    if (n as usize) < EXPIRY_LIMIT {
+                        self.scanned_at.insert(p, t);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "Expiry scan failed; retrying at the next commit.")
+                }
+            }
+        }
+    }
+
+    /// Pauses fetching an input partition whose records pile up in the merge (the other
+    /// input of its task is behind), and resumes it once they drain: bounded memory, and
+    /// the consumer's queue keeps room for the input being waited for.
+    fn flow_control(&mut self, consumer: &GroupConsumer) {
+        for &p in &self.assigned {
+            if self.restorer.is_restoring(p) {
+                continue;
+            }
+            for (i, topic) in self.inputs.iter().enumerate() {
+                let Some(topic) = topic else { continue };
+                let n = self.merge.queued(i, p);
+                let key = (i, p);
+                let paused = self.flow_paused.contains(&key);
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(topic, p);
+                if !paused && n >= PAUSE_AT {
+                    if consumer.pause(&tpl).is_ok() {
+                        self.flow_paused.insert(key);
+                    }
+                } else if paused && n < PAUSE_AT / 2 && consumer.resume(&tpl).is_ok() {
+                    self.flow_paused.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// Whether an input partition is read to its end, as the consumer knows it.
+struct ConsumerProgress<'a> {
+    consumer: &'a GroupConsumer,
+    inputs: &'a [Option<String>; INPUTS],
+    next_offset: &'a HashMap<(usize, i32), i64>,
+    watermarks: &'a mut HashMap<(usize, i32), (i64, Instant)>,
+}
+
+impl Progress for ConsumerProgress<'_> {
+    /// The consumer's position (which steps over transaction markers, never delivered)
+    /// has reached the partition's end. The end is librdkafka's high watermark from its
+    /// last fetch response; failing that (before the first fetch, or while a transaction
+    /// upstream is open, when the high watermark is past what `read_committed` may read),
+    /// the last stable offset asked of the broker, at most every [`WATERMARK_TTL`].
+    fn caught_up(&mut self, input: usize, p: i32) -> bool {
+        let Some(topic) = &self.inputs[input] else {
+            return true;
+        };
+        let delivered = self.next_offset.get(&(input, p)).copied();
+        let Some(next) = source::position(self.consumer, topic, p).max(delivered) else {
+            return false;
+        };
+        if source::cached_high_watermark(self.consumer, topic, p).is_some_and(|high| next >= high) {
+            return true;
+        }
+        if let Some((high, at)) = self.watermarks.get(&(input, p)) {
+            if next < *high {
+                return false;
+            }
+            if at.elapsed() < WATERMARK_TTL {
+                return true;
+            }
+        }
+        match self
+            .consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(2))
+        {
+            Ok((_, high)) => {
+                self.watermarks.insert((input, p), (high, Instant::now()));
+                next >= high
+            }
+            Err(_) => false,
+        }
+    }
+}
