@@ -144,6 +144,23 @@ class Reader(threading.Thread):
                 self.samples.append((now, now * 1000 - m.timestamp()[1]))
 
 
+def scorer_timing(metrics_addr):
+    """Where the scorer's time went, from its histograms: seconds in commits, in batch
+    processing, in scoring, and the mean merge wait."""
+    try:
+        text = urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=5).read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for name in ("commit_duration", "batch_duration", "scoring_duration", "merge_wait"):
+        s = re.search(rf"^fraudstream_{name}_seconds_sum (\S+)", text, re.M)
+        c = re.search(rf"^fraudstream_{name}_seconds_count (\S+)", text, re.M)
+        if s and c:
+            out[f"{name}_s"] = round(float(s.group(1)), 2)
+            out[f"{name}_n"] = int(float(c.group(1)))
+    return out
+
+
 def summarise(name, samples, sent, t0, t_end, cpu, broker_cpu, hwm, lag):
     lat = sorted(s[1] for s in samples)
     got = len(samples)
@@ -153,7 +170,7 @@ def summarise(name, samples, sent, t0, t_end, cpu, broker_cpu, hwm, lag):
         "phase": name, "sent": sent, "verdicts": got, "tx_per_s": round(got / secs, 1),
         "p50_ms": round(pct(lat, 0.5), 1), "p99_ms": round(pct(lat, 0.99), 1),
         "p999_ms": round(pct(lat, 0.999), 1), "max_ms": round(lat[-1], 1) if lat else None,
-        "peak_lag": max((v for _, v in lag), default=0),
+        "peak_lag": int(max((v for _, v in lag), default=0)),
         "cpu_s_per_100k": round(cpu * per, 2), "broker_cpu_s_per_100k": round(broker_cpu * per, 2),
         "peak_rss_mb": round(hwm / 2**20, 1),
     }
@@ -173,31 +190,42 @@ def live(args, scorer, reader, schedule, name):
     returns the phase's summary and timeline."""
     start = len(reader.samples)
     cpu0, bcpu0 = proc_cpu(scorer.proc.pid), proc_cpu(args.broker_pid)
+    topic = scorer.topics["transactions"]
+    watermarks = Consumer({"bootstrap.servers": args.bootstrap, "group.id": f"e2e-lag-{time.time_ns()}"})
+
+    def produced():
+        return sum(watermarks.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1]
+                   for p in range(args.partitions))
+
+    base = produced()
     t0 = time.time()
     sent, lag = 0, []
     for seconds, rate in schedule:
-        tx = perf_test(args, scorer.topics["transactions"], seconds * rate, rate, args.tx_payload)
+        tx = perf_test(args, topic, seconds * rate, rate, args.tx_payload)
         nav = perf_test(args, scorer.topics["navigation"], seconds * rate * args.nav_ratio,
                         rate * args.nav_ratio, args.nav_payload)
-        step_end = time.time() + seconds
         while tx.poll() is None:
-            time.sleep(0.1)
-            lag.append((time.time() - t0, sent + (time.time() - (step_end - seconds)) * rate
-                        - (len(reader.samples) - start)))
+            time.sleep(0.2)
+            # Transactions in the topic and not answered yet.
+            lag.append((time.time() - t0, produced() - base - (len(reader.samples) - start)))
         nav.wait()
         sent += int(seconds * rate)
     t_end = wait_answered(reader, start + sent, 300, lag, t0)
     if name.startswith("rate:"):
         t_end = t0 + sum(s for s, _ in schedule)
     cpu, bcpu = proc_cpu(scorer.proc.pid) - cpu0, proc_cpu(args.broker_pid) - bcpu0
+    watermarks.close()
     r = summarise(name, reader.samples[start:], sent, t0, t_end, cpu, bcpu, proc_hwm(scorer.proc.pid), lag)
+    # Cumulative over the scorer's life (it serves every live phase).
+    r["timing_cumulative"] = scorer_timing(scorer.metrics)
     return r, (name, t0, reader.samples[start:], lag)
 
 
 def floor(args):
     """EndToEndLatency: one record produced and consumed at a time, acks=all, 200 bytes."""
     topic = f"e2e-floor-{int(time.time())}"
-    AdminClient({"bootstrap.servers": args.bootstrap}).create_topics([NewTopic(topic, 1, 1)])[topic].result()
+    admin = AdminClient({"bootstrap.servers": args.bootstrap})
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result()
     p = kafka_tool("kafka-e2e-latency", args.bootstrap, topic, "5000", "all", "200")
     out, _ = p.communicate(timeout=300)
     figures = {"phase": "floor", "tool": "EndToEndLatency 5000 records, acks=all, 200 B"}
@@ -270,6 +298,8 @@ def main():
             t_end = wait_answered(rd, n, 900)
             cpu, bcpu = proc_cpu(b.proc.pid) - cpu0, proc_cpu(args.broker_pid) - bcpu0
             r = summarise(phase, rd.samples, n, t0, t_end, cpu, bcpu, proc_hwm(b.proc.pid), [])
+            r["timing"] = scorer_timing(b.metrics)
+            r["wall_s"] = round(t_end - t0, 1)
             navs = int(n * args.nav_ratio)
             r["navigation"] = navs
             r["startup_s"] = round(rd.samples[0][0] - t0, 1) if rd.samples else None

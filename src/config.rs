@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The environment prefix for configuration overrides.
 pub const ENV_PREFIX: &str = "FRAUDSTREAM__";
@@ -22,7 +22,8 @@ pub const ENV_PREFIX: &str = "FRAUDSTREAM__";
 /// Tables whose keys are librdkafka property names (with dots), passed through unchanged.
 const PASSTHROUGH_TABLES: [&str; 3] = ["kafka", "kafka-consumer", "kafka-producer"];
 
-/// Why the configuration could not be loaded. Always fatal: fix the file or environment.
+/// Why the configuration could not be loaded. Always fatal: fix the file, the environment or
+/// the `--set` flags.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -30,16 +31,36 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid config{origin}: {message}")]
-    Parse { origin: String, message: String },
-    #[error("invalid environment variable {var}: {message}")]
-    Env { var: String, message: String },
+    /// In the file: where, and the full path of the key.
+    #[error("invalid config {path}:{line}:{column}: {}{message}", key_prefix(.key))]
+    File {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        key: String,
+        message: String,
+    },
+    /// An override (a `FRAUDSTREAM__` variable or `--set`) that does not fit.
+    #[error("invalid setting from {origin}: {}{message}", key_prefix(.key))]
+    Override {
+        origin: String,
+        key: String,
+        message: String,
+    },
     #[error("invalid config: {0}")]
     Invalid(String),
 }
 
+fn key_prefix(key: &str) -> String {
+    if key.is_empty() {
+        String::new()
+    } else {
+        format!("key `{key}`: ")
+    }
+}
+
 /// The validated settings of one fraudstream instance.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct Settings {
     /// Kafka bootstrap servers, comma separated (librdkafka `bootstrap.servers`).
@@ -96,7 +117,7 @@ impl Default for Settings {
 /// Topic names. `navigation`, `labels` and `blocklist` may be set to "" to run without
 /// them; `changelog` and `repartition` default to `<group-id>-changelog` and
 /// `<group-id>-repartition` (internal topics, created at start when missing).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct Topics {
     pub transactions: String,
@@ -146,7 +167,7 @@ impl Default for Topics {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct ModelSettings {
     /// The model manifest (JSON); the ONNX file it names is found beside it.
@@ -172,7 +193,7 @@ impl Default for ModelSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct DecisionSettings {
     /// The rules file (TOML, `src/decision/rules.rs`); unset: the model alone decides. Hot
@@ -201,7 +222,7 @@ impl Default for DecisionSettings {
 }
 
 /// How the bytes of a transaction are read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum InputFormat {
     /// JSON if the first non-blank byte is `{`, Confluent Avro if it is the magic byte 0,
@@ -214,7 +235,7 @@ pub enum InputFormat {
     ConfluentAvro,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct InputSettings {
     pub format: InputFormat,
@@ -237,7 +258,7 @@ impl Default for InputSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum VerdictFormat {
     Json,
@@ -246,7 +267,7 @@ pub enum VerdictFormat {
     Avro,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct OutputSettings {
     pub verdict_format: VerdictFormat,
@@ -256,6 +277,9 @@ pub struct OutputSettings {
     /// With `verdict-format = "avro"`: prefix each verdict with the Confluent magic byte
     /// and this schema id.
     pub verdict_schema_id: Option<u32>,
+    /// A header of the transaction record copied to its verdict's record (W3C trace context
+    /// by default, or a correlation id of your own); "" = none.
+    pub trace_header: String,
 }
 
 impl Default for OutputSettings {
@@ -264,11 +288,12 @@ impl Default for OutputSettings {
             verdict_format: VerdictFormat::Json,
             audit_features: false,
             verdict_schema_id: None,
+            trace_header: "traceparent".into(),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct BatchSettings {
     /// Most messages taken from the consumer per batch.
@@ -292,7 +317,7 @@ impl Default for BatchSettings {
 }
 
 /// What a consumer of the verdicts topic can count on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Guarantee {
     /// Kafka Streams' `exactly_once_v2`: verdicts, dead letters, repartitioned records,
@@ -305,7 +330,7 @@ pub enum Guarantee {
     AtLeastOnce,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct ProcessingSettings {
     pub guarantee: Guarantee,
@@ -323,17 +348,26 @@ impl Default for ProcessingSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct MetricsSettings {
-    /// Address of the HTTP endpoint; port 0 picks a free port (logged at start).
+    /// Address of the HTTP endpoint; port 0 picks a free port (logged at start). Loopback by
+    /// default: expose it (0.0.0.0) only where a network policy guards it.
     pub listen: SocketAddr,
+    /// `/healthz` fails once the processing loop has not turned for this long (it turns at
+    /// least every 100 ms; its longest blocking call waits 30 s).
+    pub stall_timeout_ms: u64,
+    /// Bearer token of `POST /admin/reload-model`, text or `{ file = "PATH" }`; unset: the
+    /// admin endpoint is off.
+    pub admin_token: Option<KafkaValue>,
 }
 
 impl Default for MetricsSettings {
     fn default() -> Self {
         MetricsSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            stall_timeout_ms: 60_000,
+            admin_token: None,
         }
     }
 }
@@ -341,7 +375,7 @@ impl Default for MetricsSettings {
 /// The development secret; a warning is logged while it is in use.
 pub const DEV_HMAC_SECRET: &str = "fraudstream-development-secret";
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct StateSettings {
     /// The RocksDB directory (created if missing). One per instance.
@@ -376,7 +410,7 @@ impl std::fmt::Debug for StateSettings {
 /// A librdkafka property value. librdkafka takes strings; numbers and booleans are accepted
 /// in TOML for convenience and passed on as their text. `{ file = "PATH" }` reads the value
 /// from a file at start (a mounted secret), without its trailing newline.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum KafkaValue {
     Text(String),
@@ -424,46 +458,99 @@ impl std::fmt::Display for KafkaValue {
 }
 
 impl Settings {
-    /// Defaults, then `path` (if any), then the `FRAUDSTREAM__*` variables of `env`.
+    /// Defaults, then `path` (if any), then the `FRAUDSTREAM__*` variables of `env`, then
+    /// `sets` (`key.path=value`, the `--set` flags). A value from the environment or a flag
+    /// is read as TOML (`10`, `true`) where that fits the key, and as text otherwise, so
+    /// `FRAUDSTREAM__GROUP_ID=12345` is the group "12345".
     pub fn load(
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
+        sets: &[String],
     ) -> Result<Settings, ConfigError> {
-        let (mut table, origin) = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_path_buf(),
-                    source,
-                })?;
-                let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                    origin: format!(" file {}", p.display()),
-                    message: e.message().to_string(),
-                })?;
-                (table, format!(" file {}", p.display()))
-            }
-            None => (toml::Table::new(), String::new()),
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?,
+            None => String::new(),
         };
-        let mut overridden = Vec::new();
+        // The file alone first, so that its errors carry their line, column and key.
+        if let Some(p) = path {
+            let de = toml::Deserializer::parse(&text).map_err(|e| file_error(p, &text, "", e))?;
+            if let Err(e) = serde_path_to_error::deserialize::<_, Settings>(de) {
+                let key = full_key(&e.path().to_string(), e.inner().message());
+                return Err(file_error(p, &text, &key, e.into_inner()));
+            }
+        }
+        let table: toml::Table = toml::from_str(&text).unwrap_or_default();
+        let mut overrides = Vec::new();
         for (var, value) in env {
             let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
-            apply_env(&mut table, rest, &value).map_err(|message| ConfigError::Env {
-                var: var.clone(),
+            let key = env_key(rest).map_err(|message| ConfigError::Override {
+                origin: var.clone(),
+                key: String::new(),
                 message,
             })?;
-            overridden.push(var);
+            overrides.push(Override::new(var, key, value));
         }
-        let settings: Settings = table.try_into().map_err(|e: toml::de::Error| {
-            let mut origin = origin.clone();
-            if !overridden.is_empty() {
-                origin.push_str(&format!(" (with environment {})", overridden.join(", ")));
+        for set in sets {
+            let (key, value) = set.split_once('=').ok_or_else(|| ConfigError::Override {
+                origin: format!("--set {set}"),
+                key: String::new(),
+                message: "expected `key.path=value`".into(),
+            })?;
+            overrides.push(Override::new(
+                format!("--set {set}"),
+                dotted_key(key.trim()),
+                value.to_string(),
+            ));
+        }
+        let settings = loop {
+            let mut merged = table.clone();
+            for o in &overrides {
+                o.apply(&mut merged)?;
             }
-            ConfigError::Parse {
-                origin,
-                message: e.message().trim().to_string(),
+            match serde_path_to_error::deserialize::<_, Settings>(toml::Value::Table(merged)) {
+                Ok(s) => break s,
+                Err(e) => {
+                    let key = full_key(&e.path().to_string(), e.inner().message());
+                    // A value read as a number or a boolean where text is wanted: text.
+                    if let Some(o) = overrides
+                        .iter_mut()
+                        .rev()
+                        .find(|o| o.key.join(".") == key && !o.as_text)
+                    {
+                        o.as_text = true;
+                        continue;
+                    }
+                    let origin = overrides
+                        .iter()
+                        .rev()
+                        .find(|o| {
+                            key.starts_with(&o.key.join(".")) || o.key.join(".").starts_with(&key)
+                        })
+                        .map(|o| o.origin.clone());
+                    let message = e.inner().message().trim().to_string();
+                    return Err(match (origin, path) {
+                        (Some(origin), _) => ConfigError::Override {
+                            origin,
+                            key,
+                            message,
+                        },
+                        (None, Some(p)) => ConfigError::File {
+                            path: p.to_path_buf(),
+                            line: 0,
+                            column: 0,
+                            key,
+                            message,
+                        },
+                        (None, None) => ConfigError::Invalid(format!("`{key}`: {message}")),
+                    });
+                }
             }
-        })?;
+        };
         settings.validate()?;
         Ok(settings)
     }
@@ -570,6 +657,14 @@ impl Settings {
                 }
             }
         }
+        if let Some(t) = &mut s.metrics.admin_token {
+            if !matches!(t, KafkaValue::File { .. }) {
+                *t = KafkaValue::Text("<redacted>".into());
+            }
+        }
+        if !matches!(s.state.hmac_secret, KafkaValue::File { .. }) {
+            s.state.hmac_secret = KafkaValue::Text("<redacted>".into());
+        }
         s
     }
 
@@ -582,48 +677,130 @@ impl Settings {
     }
 }
 
-/// Sets the value named by an environment variable's key path (`TOPICS__VERDICTS`).
-fn apply_env(table: &mut toml::Table, path: &str, value: &str) -> Result<(), String> {
+/// A setting given outside the file: its origin (the variable or the flag), the key path
+/// it sets, and its value.
+struct Override {
+    origin: String,
+    key: Vec<String>,
+    value: String,
+    /// Taken as text, not parsed as TOML (a librdkafka property always is).
+    as_text: bool,
+}
+
+impl Override {
+    fn new(origin: String, key: Vec<String>, value: String) -> Override {
+        let as_text = key
+            .first()
+            .is_some_and(|t| PASSTHROUGH_TABLES.contains(&t.as_str()));
+        Override {
+            origin,
+            key,
+            value,
+            as_text,
+        }
+    }
+
+    fn apply(&self, table: &mut toml::Table) -> Result<(), ConfigError> {
+        let mut current = table;
+        let (last, parents) = self.key.split_last().expect("a key has a segment");
+        for k in parents {
+            let entry = current
+                .entry(k.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            current = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::Override {
+                        origin: self.origin.clone(),
+                        key: self.key.join("."),
+                        message: format!("`{k}` is a value, not a table"),
+                    })
+                }
+            };
+        }
+        let value = if self.as_text {
+            toml::Value::String(self.value.clone())
+        } else {
+            parse_value(&self.value)
+        };
+        current.insert(last.clone(), value);
+        Ok(())
+    }
+}
+
+/// The key path an environment variable names (`TOPICS__VERDICTS` → `topics.verdicts`;
+/// in the librdkafka tables `_` is `.`: `KAFKA__SECURITY_PROTOCOL` → `kafka."security.protocol"`).
+fn env_key(path: &str) -> Result<Vec<String>, String> {
     let segments: Vec<&str> = path.split("__").collect();
     if segments.iter().any(|s| s.is_empty()) {
         return Err("empty key segment (use `__` only between table and key)".into());
     }
-    let mut current = table;
-    let mut parent_is_passthrough = false;
+    let mut key: Vec<String> = Vec::with_capacity(segments.len());
     for (i, raw) in segments.iter().enumerate() {
-        let key = if parent_is_passthrough {
+        let passthrough = i == 1 && PASSTHROUGH_TABLES.contains(&key[0].as_str());
+        key.push(if passthrough {
             raw.to_ascii_lowercase().replace('_', ".")
         } else {
             raw.to_ascii_lowercase().replace('_', "-")
-        };
-        if i + 1 == segments.len() {
-            let parsed = if parent_is_passthrough {
-                toml::Value::String(value.to_string())
-            } else {
-                parse_env_value(value)
-            };
-            current.insert(key, parsed);
-            return Ok(());
+        });
+        if passthrough && i + 1 < segments.len() {
+            return Err("a librdkafka property is one segment after its table".into());
         }
-        parent_is_passthrough = i == 0 && PASSTHROUGH_TABLES.contains(&key.as_str());
-        let entry = current
-            .entry(key.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        current = match entry {
-            toml::Value::Table(t) => t,
-            _ => return Err(format!("`{key}` is a value, not a table")),
-        };
     }
-    Ok(())
+    Ok(key)
 }
 
-/// Reads an environment value as a TOML value when it is one (`10`, `true`, `{ 1 = "a" }`),
-/// otherwise as a string, so `FRAUDSTREAM__BROKERS=host:9092` needs no quotes.
-fn parse_env_value(value: &str) -> toml::Value {
+/// The key path of `--set` (`batch.max-records`; `kafka.security.protocol` is the property
+/// `security.protocol` of `[kafka]`).
+fn dotted_key(key: &str) -> Vec<String> {
+    match key.split_once('.') {
+        Some((table, rest)) if PASSTHROUGH_TABLES.contains(&table) => {
+            vec![table.to_string(), rest.to_string()]
+        }
+        _ => key.split('.').map(str::to_string).collect(),
+    }
+}
+
+/// Reads a value as a TOML value when it is one (`10`, `true`, `{ file = "x" }`), otherwise
+/// as a string, so `FRAUDSTREAM__BROKERS=host:9092` needs no quotes.
+fn parse_value(value: &str) -> toml::Value {
     toml::from_str::<toml::Table>(&format!("v = {value}"))
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(value.to_string()))
+}
+
+/// The full path of the key an error is about: serde's path, plus the field an
+/// "unknown field" error names.
+fn full_key(path: &str, message: &str) -> String {
+    let path = if path == "." { "" } else { path };
+    let unknown = message
+        .strip_prefix("unknown field `")
+        .and_then(|m| m.split('`').next());
+    match (path, unknown) {
+        ("", Some(f)) => f.to_string(),
+        (p, Some(f)) if p != f && !p.ends_with(&format!(".{f}")) => format!("{p}.{f}"),
+        (p, _) => p.to_string(),
+    }
+}
+
+fn file_error(path: &Path, text: &str, key: &str, e: toml::de::Error) -> ConfigError {
+    let (line, column) = match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            (line, column)
+        }
+        None => (0, 0),
+    };
+    ConfigError::File {
+        path: path.to_path_buf(),
+        line,
+        column,
+        key: key.to_string(),
+        message: e.message().trim().to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -643,12 +820,13 @@ mod tests {
         Settings::load(
             Some(&path),
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            &[],
         )
     }
 
     #[test]
     fn defaults_are_valid_and_documented_values() {
-        let s = Settings::load(None, Vec::new()).unwrap();
+        let s = Settings::load(None, Vec::new(), &[]).unwrap();
         assert_eq!(s.topics.transactions, "transactions");
         assert_eq!(s.topics.dead_letter, "fraudstream-dlq");
         assert_eq!(s.metrics.listen.to_string(), "127.0.0.1:9464");
@@ -667,6 +845,7 @@ mod tests {
         let err = Settings::load(
             None,
             vec![("FRAUDSTREAM__TOPICS__VERDICT".into(), "v".into())],
+            &[],
         )
         .unwrap_err();
         let msg = err.to_string();
@@ -693,6 +872,64 @@ mod tests {
         assert_eq!(s.kafka["fetch.wait.max.ms"].to_string(), "10");
         assert_eq!(s.topics.dead_letter, "dlq");
         assert_eq!(s.brokers, "h:9092");
+    }
+
+    #[test]
+    fn file_errors_name_line_column_and_the_key() {
+        let err = load_str("group-id = \"g\"\n[batch]\nmax-records = \"many\"\n", &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("c.toml:3:15: key `batch.max-records`"),
+            "{msg}"
+        );
+        let err = load_str("[topics]\nverdicts = \"v\"\nverdict = \"v\"\n", &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("c.toml:3:1: key `topics.verdict`"), "{msg}");
+        assert!(msg.contains("unknown field `verdict`"), "{msg}");
+    }
+
+    #[test]
+    fn overrides_from_environment_and_flags() {
+        let sets: Vec<String> = [
+            "batch.max-records=7",
+            "kafka.security.protocol=ssl",
+            "topics.verdicts=out",
+        ]
+        .map(String::from)
+        .into();
+        let s = Settings::load(
+            None,
+            vec![
+                // Text where text is wanted, though it reads as a number.
+                ("FRAUDSTREAM__GROUP_ID".into(), "12345".into()),
+                ("FRAUDSTREAM__BATCH__MAX_RECORDS".into(), "3".into()),
+            ],
+            &sets,
+        )
+        .unwrap();
+        assert_eq!(s.group_id, "12345");
+        assert_eq!(s.batch.max_records, 7, "--set over the environment");
+        assert_eq!(s.kafka["security.protocol"].to_string(), "ssl");
+        assert_eq!(s.topics.verdicts, "out");
+        let err = Settings::load(None, Vec::new(), &["batch.max-records=many".into()]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("--set batch.max-records=many"), "{msg}");
+        assert!(msg.contains("key `batch.max-records`"), "{msg}");
+        let err = Settings::load(None, Vec::new(), &["nothing".into()]).unwrap_err();
+        assert!(err.to_string().contains("key.path=value"), "{err}");
+    }
+
+    #[test]
+    fn the_resolved_config_prints_as_toml_that_loads_back() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/fraudstream.toml");
+        let s = Settings::load(Some(&path), Vec::new(), &[]).unwrap();
+        let text = toml::to_string(&s).unwrap();
+        let dir =
+            std::env::temp_dir().join(format!("fraudstream-roundtrip-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("r.toml"), &text).unwrap();
+        let back = Settings::load(Some(&dir.join("r.toml")), Vec::new(), &[]).unwrap();
+        assert_eq!(toml::to_string(&back).unwrap(), text);
     }
 
     #[test]
@@ -755,6 +992,6 @@ mod tests {
     #[test]
     fn shipped_example_config_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/fraudstream.toml");
-        Settings::load(Some(&path), Vec::new()).unwrap();
+        Settings::load(Some(&path), Vec::new(), &[]).unwrap();
     }
 }

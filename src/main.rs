@@ -16,35 +16,48 @@ use fraudstream::config::Settings;
     about = "Scores payment transactions for fraud as they stream through Kafka."
 )]
 struct Cli {
+    /// TOML configuration (every key: docs/fraudstream.toml). FRAUDSTREAM__* variables and
+    /// --set override it.
+    #[arg(
+        short = 'c',
+        long,
+        global = true,
+        env = "FRAUDSTREAM_CONFIG",
+        value_name = "FILE"
+    )]
+    config: Option<PathBuf>,
+    /// A setting over the file and the environment, as `key.path=value` (repeatable):
+    /// `--set batch.max-records=500`, `--set kafka.security.protocol=ssl`.
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// How logs are written to standard error.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// One line per event, for people.
+    Text,
+    /// One JSON object per event, for log collectors.
+    Json,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Consume transactions, publish verdicts, until SIGTERM or SIGINT.
-    Run {
-        /// TOML configuration (see docs/fraudstream.toml). FRAUDSTREAM__* variables override it.
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
-    /// Load and check the configuration and print it, resolved (secrets redacted), then exit.
-    CheckConfig {
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
+    Run,
+    /// Load and check the configuration and print it resolved, as TOML (secrets redacted).
+    CheckConfig,
     /// Report the state store: entities and bytes per entity, by kind. Safe beside a
     /// running scorer (opens read-only).
-    StateStats {
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
+    StateStats,
     /// Export the state the changelog topic holds (every entity's latest value, as
     /// read_committed readers see it) as sorted `partition key value` lines in hex, to compare
     /// the state of two runs.
     StateExport {
-        #[arg(long)]
-        config: Option<PathBuf>,
         /// Where to write; `-` is stdout.
         #[arg(long, default_value = "-")]
         output: PathBuf,
@@ -65,42 +78,35 @@ enum Command {
         /// Only these features, comma-separated (default: every named feature).
         #[arg(long, value_delimiter = ',')]
         features: Vec<String>,
-        /// For the HMAC secret (`state.hmac-secret`); the default config otherwise.
-        #[arg(long)]
-        config: Option<PathBuf>,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
     },
-    /// Check config, model against the feature registry, broker reachability and topics
-    /// (partition counts, co-partitioning); list every problem; exit 1 if there is one.
+    /// Check everything `run` checks at start (config, models, rules, schemas, and the
+    /// brokers and topics), list every problem, exit 1 if there is one.
     Validate {
-        #[arg(long)]
-        config: Option<PathBuf>,
         /// How long to wait for the brokers, in seconds.
         #[arg(long, default_value_t = 10)]
         timeout: u64,
+        /// Without a broker: config, models, rules and schemas only.
+        #[arg(long)]
+        offline: bool,
     },
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
-    let config = match &cli.command {
-        Command::Run { config }
-        | Command::CheckConfig { config }
-        | Command::StateStats { config }
-        | Command::StateExport { config, .. }
-        | Command::Replay { config, .. }
-        | Command::Validate { config, .. } => config,
-    };
-    let settings = match Settings::load(config.as_deref(), std::env::vars()) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+    let config = cli.config.clone();
+    let settings = match Settings::load(config.as_deref(), std::env::vars(), &cli.set) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
@@ -108,14 +114,13 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { .. } => {}
+        Command::Run => {}
         Command::Replay {
             inputs,
             output,
             partitions,
             features,
             quiet,
-            ..
         } => {
             let secret = match settings.state.hmac_secret.resolve("state.hmac-secret") {
                 Ok(s) => s,
@@ -146,7 +151,7 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Command::StateStats { .. } => {
+        Command::StateStats => {
             let stats = fraudstream::state::Store::open_read_only(&settings.state.path)
                 .and_then(|s| s.stats());
             return match stats {
@@ -166,7 +171,7 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Command::StateExport { output, .. } => {
+        Command::StateExport { output } => {
             use fraudstream::pipeline::rebalance::export;
             let result = if output.as_os_str() == "-" {
                 export(&settings, &mut std::io::stdout().lock())
@@ -189,13 +194,21 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Command::CheckConfig { .. } => {
-            println!("{:#?}", settings.redacted());
-            return ExitCode::SUCCESS;
+        Command::CheckConfig => {
+            return match toml::to_string(&settings.redacted()) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: cannot print the configuration: {e}");
+                    ExitCode::FAILURE
+                }
+            };
         }
-        Command::Validate { timeout, .. } => {
-            let findings =
-                fraudstream::validate::validate(&settings, std::time::Duration::from_secs(timeout));
+        Command::Validate { timeout, offline } => {
+            let brokers = (!offline).then(|| std::time::Duration::from_secs(timeout));
+            let findings = fraudstream::validate::validate(&settings, brokers);
             let problems = findings
                 .iter()
                 .filter(|f| f.level == fraudstream::pipeline::topology::Level::Problem)

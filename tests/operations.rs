@@ -78,41 +78,91 @@ async fn consumer_lag_is_exported_per_partition_and_drains_to_zero() {
     scorer.stop();
 }
 
+/// One partition, two instances: both are ready (the one without a partition is a spare, as
+/// a rolling update needs), each says which; when the owner stops, the spare takes the
+/// partition over and scores.
 #[tokio::test(flavor = "multi_thread")]
-async fn readiness_follows_the_assignment() {
-    // One partition, two instances: one owns it and is ready, the other is standing by.
+async fn readiness_and_health_of_an_owner_and_a_spare() {
     let t = topics("ready", 1).await;
     let mut a = Scorer::start_instance(&t, "a", &[]);
     let mut b = Scorer::start_instance(&t, "b", &[]);
+    a.wait_ready(Duration::from_secs(60)).await;
+    b.wait_ready(Duration::from_secs(60)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    let (mut ra, mut rb) = (0, 0);
+    let (mut ta, mut tb) = (String::new(), String::new());
     while Instant::now() < deadline {
-        ra = a.http_get("/readyz").await.0;
-        rb = b.http_get("/readyz").await.0;
-        if (ra == 200) != (rb == 200) {
+        ta = a.http_get("/readyz").await.1;
+        tb = b.http_get("/readyz").await.1;
+        if ta.contains("spare") != tb.contains("spare") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
-        (ra == 200) != (rb == 200),
-        "exactly one ready: a {ra}, b {rb}"
+        ta.contains("spare") != tb.contains("spare"),
+        "one owner, one spare: a `{ta}`, b `{tb}`"
     );
-    let (ready, standby) = if ra == 200 {
+    let (owner, spare) = if tb.contains("spare") {
         (&mut a, &mut b)
     } else {
         (&mut b, &mut a)
     };
-    assert_eq!(
-        standby.http_get("/healthz").await.0,
-        200,
-        "standing by is healthy"
-    );
+    let (code, text) = spare.http_get("/healthz").await;
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("processing loop turned"), "{text}");
 
-    // The owner stops; the standby takes the partition over and becomes ready.
-    ready.stop();
-    standby.wait_ready(Duration::from_secs(60)).await;
-    standby.stop();
+    // The owner stops; the spare takes the partition over and scores.
+    owner.stop();
+    let rows = sample();
+    let v = rows[0].json("after-handover", "c", T0);
+    send(&producer(), &t.transactions, Some(b"c"), Some(v.as_bytes())).await;
+    let mut reader = Reader::new(&t.verdicts);
+    assert!(
+        reader
+            .read_until(Duration::from_secs(60), |m| !m.is_empty())
+            .await,
+        "log:\n{}",
+        spare.log_text()
+    );
+    assert!(spare
+        .http_get("/readyz")
+        .await
+        .1
+        .contains("1 partition(s) assigned"));
+    spare.stop();
+}
+
+/// The admin endpoint needs its token; without `metrics.admin-token` it is off.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_endpoint_needs_its_token_and_is_off_without_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = topics("admin", 1).await;
+    let mut on = Scorer::start(&t, &[]);
+    on.wait_ready(Duration::from_secs(60)).await;
+    let post = |addr: String, auth: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "POST /admin/reload-model HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        body
+    };
+    assert!(post(on.metrics.clone(), "")
+        .await
+        .starts_with("HTTP/1.1 401"));
+    assert!(post(on.metrics.clone(), "Authorization: Bearer wrong\r\n")
+        .await
+        .starts_with("HTTP/1.1 401"));
+    assert_eq!(on.http("POST", "/admin/reload-model").await.0, 200);
+    on.stop();
+    let mut off = Scorer::start_instance(&t, "off", &[("FRAUDSTREAM__METRICS__ADMIN_TOKEN", "")]);
+    off.wait_ready(Duration::from_secs(60)).await;
+    let (code, text) = off.http("POST", "/admin/reload-model").await;
+    assert_eq!(code, 404, "{text}");
+    assert!(text.contains("off"), "{text}");
+    off.stop();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -219,6 +269,43 @@ async fn compose_stack_and_dashboard_match_what_the_scorer_exports() {
     let report =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{report}");
-    assert!(report.contains("13 dashboard metrics checked"), "{report}");
+    assert!(report.contains("16 dashboard metrics checked"), "{report}");
     scorer.stop();
+}
+
+/// The Kubernetes manifests against the Kubernetes API schemas and KEDA's, offline
+/// (`scripts/py/check_manifests.py`), and a broken copy refused.
+#[test]
+fn kubernetes_manifests_validate() {
+    let python =
+        std::env::var("FRAUDSTREAM_PYTHON").expect("FRAUDSTREAM_PYTHON (scripts/test sets it)");
+    let check = |dir: &std::path::Path| {
+        std::process::Command::new(&python)
+            .arg(repo().join("scripts/py/check_manifests.py"))
+            .arg("--repo")
+            .arg(repo())
+            .arg("--dir")
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let out = check(&repo().join("deploy/kubernetes"));
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("0 problem(s)"), "{report}");
+
+    let broken = std::env::temp_dir().join(unique("manifests"));
+    std::fs::create_dir_all(&broken).unwrap();
+    for entry in std::fs::read_dir(repo().join("deploy/kubernetes")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, broken.join(path.file_name().unwrap())).unwrap();
+    }
+    let statefulset = broken.join("statefulset.yaml");
+    let text = std::fs::read_to_string(&statefulset).unwrap();
+    let text = text.replacen("imagePullPolicy:", "imagePullPolicyy:", 1);
+    std::fs::write(&statefulset, text).unwrap();
+    let out = check(&broken);
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{report}");
+    assert!(report.contains("imagePullPolicyy"), "{report}");
 }

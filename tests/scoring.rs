@@ -273,3 +273,79 @@ async fn default_model_scores_sparkov_transactions_as_offline() {
     assert!(auc > 0.95, "ROC-AUC {auc}");
     scorer.stop();
 }
+
+/// A transaction's `traceparent` reaches its verdict's record; a dead letter keeps the
+/// original message's headers beside its own; a verdict's timestamp is its transaction's.
+#[tokio::test(flavor = "multi_thread")]
+async fn trace_context_and_original_headers_are_carried() {
+    use rdkafka::message::{Header, Headers, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+    let t = topics("trace", 1).await;
+    let rows = sample();
+    let p = producer();
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let good = rows[0].json("traced", "c", T0);
+    let sent_at = 1_795_000_000_123;
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "traceparent",
+        value: Some(trace),
+    });
+    p.send(
+        FutureRecord::to(&t.transactions)
+            .key("c")
+            .payload(&good)
+            .headers(headers)
+            .timestamp(sent_at),
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .unwrap();
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "x-request-id",
+        value: Some("req-7"),
+    });
+    p.send(
+        FutureRecord::to(&t.transactions)
+            .key("c")
+            .payload("not json")
+            .headers(headers),
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .unwrap();
+    let mut scorer = Scorer::start(&t, &[]);
+    let mut verdicts = Reader::new(&t.verdicts);
+    let mut dlq = Reader::new(&t.dead_letter);
+    assert!(
+        verdicts
+            .read_until(Duration::from_secs(60), |m| !m.is_empty())
+            .await,
+        "log:\n{}",
+        scorer.log_text()
+    );
+    assert!(
+        dlq.read_until(Duration::from_secs(30), |m| !m.is_empty())
+            .await
+    );
+    let v = &verdicts.messages[0];
+    assert_eq!(header(v, "traceparent").as_deref(), Some(trace));
+    assert_eq!(
+        v.timestamp().to_millis(),
+        Some(sent_at),
+        "the transaction's timestamp"
+    );
+    let d = &dlq.messages[0];
+    assert_eq!(
+        header(d, "x-request-id").as_deref(),
+        Some("req-7"),
+        "original header kept"
+    );
+    assert_eq!(
+        header(d, "fraudstream.error.kind").as_deref(),
+        Some("malformed-json")
+    );
+    assert!(d.headers().unwrap().count() >= 6);
+    scorer.stop();
+}

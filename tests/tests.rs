@@ -11,6 +11,7 @@ mod eos;
 mod kafka;
 mod operations;
 mod parity;
+mod readme;
 mod reload;
 mod scoring;
 mod shutdown;

@@ -436,6 +436,9 @@ pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
     fraudstream::sink::header(m, name)
 }
 
+/// The admin token every test scorer is given (`metrics.admin-token`).
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
 /// A `fraudstream run` child process.
 pub struct Scorer {
     child: Child,
@@ -478,6 +481,7 @@ impl Scorer {
             .env("FRAUDSTREAM__TOPICS__VERDICTS", &t.verdicts)
             .env("FRAUDSTREAM__TOPICS__DEAD_LETTER", &t.dead_letter)
             .env("FRAUDSTREAM__METRICS__LISTEN", &metrics)
+            .env("FRAUDSTREAM__METRICS__ADMIN_TOKEN", ADMIN_TOKEN)
             .env("FRAUDSTREAM__STATE__PATH", Scorer::state_dir(t, instance))
             // The fixtures are ULB rows with their feature vectors: the passthrough model
             // reads them (the default model reads Sparkov-style transactions).
@@ -592,7 +596,7 @@ impl Scorer {
         for _ in 0..100 {
             if let Ok(mut s) = tokio::net::TcpStream::connect(&self.metrics).await {
                 let req = format!(
-                    "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                 );
                 s.write_all(req.as_bytes()).await.unwrap();
                 let mut body = String::new();

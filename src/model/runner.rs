@@ -24,6 +24,8 @@ pub enum Cause {
 }
 
 impl Cause {
+    pub const ALL: [Cause; 3] = [Cause::Error, Cause::LatencyBudget, Cause::Busy];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Cause::Error => "error",

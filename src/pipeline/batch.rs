@@ -70,6 +70,8 @@ pub struct Processor {
     model_reasons: usize,
     verdict_format: VerdictFormat,
     verdict_schema_id: Option<u32>,
+    /// `output.trace-header`: copied from a transaction's record to its verdict's.
+    trace_header: String,
     rows: Vec<f32>,
     audit_rows: Vec<f32>,
     shadow_rows: Vec<f32>,
@@ -110,6 +112,7 @@ impl Processor {
             model_reasons: settings.decision.model_reasons,
             verdict_format: settings.output.verdict_format,
             verdict_schema_id: settings.output.verdict_schema_id,
+            trace_header: settings.output.trace_header.clone(),
             rows: Vec::new(),
             audit_rows: Vec::new(),
             shadow_rows: Vec::new(),
@@ -307,6 +310,12 @@ impl Processor {
             Ok(s) => (Some(s.as_slice()), None),
             Err(reason) => (None, Some(reason)),
         };
+        if let Some(scores) = scores {
+            let h = metrics::histogram!(telemetry::SCORES, "model_version" => manifest.model_version.clone());
+            for &s in scores {
+                h.record(f64::from(s));
+            }
+        }
         // Row `j` of the model's rows: transactions of enabled merchants, in order.
         let mut j = 0;
         for (i, (tx, msg)) in txs.iter().enumerate() {
@@ -388,12 +397,21 @@ impl Processor {
                 VerdictFormat::Avro => verdict.write_avro(self.verdict_schema_id, &mut payload),
             }
             out.decisions.push((verdict.decision, verdict.event_time));
+            let trace = (!self.trace_header.is_empty())
+                .then(|| header_bytes(msg, &self.trace_header))
+                .flatten()
+                .map(|v| {
+                    OwnedHeaders::new_with_capacity(1).insert(Header {
+                        key: self.trace_header.as_str(),
+                        value: Some(v),
+                    })
+                });
             out.verdicts.push(OutRecord {
                 topic: Topic::Verdicts,
                 partition: None,
                 key: Some(verdict.transaction_id.into_bytes()),
                 payload: Some(payload),
-                headers: None,
+                headers: trace,
                 // As Kafka Streams does: the output record carries its input's timestamp,
                 // so a reader measures produced -> verdict from the record alone.
                 timestamp: msg.timestamp().to_millis(),
@@ -406,6 +424,12 @@ impl Processor {
         self.shadow_rows.clear();
         self.shadow_ok.clear();
     }
+}
+
+/// The value of header `name` of `m`, as bytes.
+fn header_bytes<'m>(m: &'m OwnedMessage, name: &str) -> Option<&'m [u8]> {
+    use rdkafka::message::Headers;
+    m.headers()?.iter().find(|h| h.key == name)?.value
 }
 
 /// Sets the info metric of a model: 1 in service, 0 replaced.
@@ -480,12 +504,17 @@ fn forward(m: &OwnedMessage, kind: &str, customer: &str, partition: i32) -> OutR
     }
 }
 
-/// The original key, bytes and timestamp, unchanged, with headers saying what was wrong and
-/// where the message came from.
+/// The original key, bytes, timestamp and headers, unchanged, with headers of its own saying
+/// what was wrong and where the message came from (as Kafka Connect's dead-letter queue does).
 fn dead_letter(m: &OwnedMessage, e: &DecodeError) -> OutRecord {
+    use rdkafka::message::Headers;
     let partition = m.partition().to_string();
     let offset = m.offset().to_string();
-    let headers = OwnedHeaders::new_with_capacity(5)
+    let mut original = OwnedHeaders::new_with_capacity(m.headers().map_or(0, |h| h.count()) + 5);
+    for h in m.headers().into_iter().flat_map(|h| h.iter()) {
+        original = original.insert(h);
+    }
+    let headers = original
         .insert(Header {
             key: headers::ERROR_KIND,
             value: Some(e.kind.as_str()),

@@ -104,6 +104,8 @@ pub struct Committer {
     /// At-least-once: verdicts and dead letters, outside the transaction.
     direct: Option<Sink>,
     open: bool,
+    /// An abort was started and has not finished (the broker was away).
+    aborting: bool,
     /// Next offset to commit per input (topic, partition), for what was processed.
     offsets: BTreeMap<(String, i32), i64>,
     /// The verdicts of the open transaction (decision, event time), counted at its commit.
@@ -141,6 +143,7 @@ impl Committer {
             tx,
             direct,
             open: false,
+            aborting: false,
             offsets: BTreeMap::new(),
             decisions: Vec::new(),
             interval: Duration::from_millis(settings.processing.commit_interval_ms),
@@ -161,6 +164,9 @@ impl Committer {
     }
 
     fn begin(&mut self) -> Result<(), CommitError> {
+        if self.aborting {
+            self.finish_abort(CALL_TIMEOUT)?;
+        }
         if !self.open {
             self.tx
                 .producer()
@@ -244,7 +250,10 @@ impl Committer {
         consumer: &impl Consumer<C>,
         state: &StateBatch,
     ) -> Result<BTreeMap<i32, i64>, CommitError> {
+        let t0 = Instant::now();
+        let mut changelog = 0;
         for (p, key, value) in state.changelog_records() {
+            changelog += 1;
             let r = OutRecord {
                 topic: Topic::Changelog,
                 partition: Some(p),
@@ -258,7 +267,6 @@ impl Committer {
         if let Some(direct) = &self.direct {
             // At-least-once: no offset is committed before its verdicts are acknowledged.
             direct
-                .producer()
                 .flush(CALL_TIMEOUT)
                 .map_err(|e| CommitError::Aborted(format!("verdicts not acknowledged: {e}")))?;
             let d = direct.take_deliveries();
@@ -271,6 +279,7 @@ impl Committer {
             }
         }
         CrashAt::check(&self.crash, "before-offsets", self.commits);
+        let t1 = Instant::now();
         if !self.offsets.is_empty() {
             let mut tpl = TopicPartitionList::with_capacity(self.offsets.len());
             for ((topic, p), next) in &self.offsets {
@@ -286,6 +295,9 @@ impl Committer {
                 .map_err(|e| self.failed(e))?;
         }
         CrashAt::check(&self.crash, "before-commit", self.commits);
+        let t2 = Instant::now();
+        // Everything acknowledged first, so that the commit's own flush returns at once.
+        self.tx.flush(CALL_TIMEOUT).map_err(|e| self.failed(e))?;
         let mut attempts = 0;
         loop {
             match self.tx.producer().commit_transaction(CALL_TIMEOUT) {
@@ -297,6 +309,13 @@ impl Committer {
                 Err(e) => return Err(self.failed(e)),
             }
         }
+        tracing::debug!(
+            changelog,
+            changelog_ms = (t1 - t0).as_secs_f64() * 1e3,
+            offsets_ms = (t2 - t1).as_secs_f64() * 1e3,
+            commit_ms = t2.elapsed().as_secs_f64() * 1e3,
+            "Committed."
+        );
         let d = self.tx.take_deliveries();
         // The next changelog record to read after each partition's last one of this
         // transaction (its commit marker comes next, which readers step over).
@@ -304,20 +323,53 @@ impl Committer {
     }
 
     /// Aborts the open transaction (if any): nothing of it becomes visible. The caller
-    /// drops its uncommitted state and rewinds.
+    /// drops its uncommitted state and rewinds. An abort librdkafka cannot finish now (the
+    /// broker is away) is resumed before the next transaction begins.
     pub fn abort(&mut self) {
         if self.open {
-            if let Err(e) = self.tx.producer().abort_transaction(CALL_TIMEOUT) {
-                tracing::warn!(error = %e, "Abort failed; the broker aborts the transaction when it times out.");
-            }
             metrics::counter!(telemetry::COMMITS, "result" => "aborted").increment(1);
+            self.aborting = true;
         }
         self.open = false;
         self.offsets.clear();
         self.decisions.clear();
+        if self.aborting {
+            if let Err(e) = self.finish_abort(CALL_TIMEOUT) {
+                tracing::warn!(error = %e, "Abort not finished yet; resumed before the next transaction.");
+            }
+        }
         self.tx.take_deliveries();
         if let Some(d) = &self.direct {
             d.take_deliveries();
+        }
+    }
+
+    /// Drives librdkafka's abort to its end. It waits for the messages in flight, whose
+    /// delivery reports this thread must serve: so the abort is called in short slices, with
+    /// the reports served in between (librdkafka resumes an abort that timed out).
+    fn finish_abort(&mut self, timeout: Duration) -> Result<(), CommitError> {
+        use rdkafka::producer::PurgeConfig;
+        // What is still queued (not sent) is dropped at once.
+        self.tx.producer().purge(PurgeConfig::default().queue());
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.tx.producer().poll(Duration::ZERO);
+            match self
+                .tx
+                .producer()
+                .abort_transaction(Duration::from_millis(200))
+            {
+                Ok(()) => {
+                    self.aborting = false;
+                    return Ok(());
+                }
+                Err(e) => {
+                    let failed = self.failed(e);
+                    if matches!(failed, CommitError::Fatal(_)) || Instant::now() >= deadline {
+                        return Err(failed);
+                    }
+                }
+            }
         }
     }
 

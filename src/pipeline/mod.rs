@@ -103,18 +103,38 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     metrics::counter!(telemetry::RESTORED_RECORDS).increment(0);
     metrics::counter!(telemetry::REPARTITIONED).increment(0);
     metrics::counter!(telemetry::EXPIRED).increment(0);
+    for cause in crate::model::runner::Cause::ALL {
+        metrics::counter!(telemetry::DEGRADED, "cause" => cause.as_str()).increment(0);
+    }
+    metrics::gauge!(
+        telemetry::BUILD_INFO,
+        "version" => env!("CARGO_PKG_VERSION"),
+        "guarantee" => match settings.processing.guarantee {
+            crate::config::Guarantee::ExactlyOnce => "exactly-once",
+            crate::config::Guarantee::AtLeastOnce => "at-least-once",
+        }
+    )
+    .set(1.0);
     for table in ["labels", "blocklist"] {
         metrics::gauge!(telemetry::GLOBAL_ENTRIES, "table" => table).set(0.0);
     }
-    let admin: Arc<dyn telemetry::Admin> = Arc::new(reloads.clone());
-    let (addr, http) = telemetry::serve(
-        settings.metrics.listen,
-        prometheus,
-        readiness.clone(),
+    let admin = match &settings.metrics.admin_token {
+        Some(t) => {
+            let token = t.resolve("metrics.admin-token")?;
+            anyhow::ensure!(!token.is_empty(), "`metrics.admin-token` is empty");
+            let admin: Arc<dyn telemetry::Admin> = Arc::new(reloads.clone());
+            Some((admin, token))
+        }
+        None => None,
+    };
+    let endpoint = telemetry::Endpoint {
+        metrics: prometheus,
+        readiness: readiness.clone(),
+        stall: Duration::from_millis(settings.metrics.stall_timeout_ms),
         admin,
-        shutdown.clone(),
-    )
-    .await?;
+    };
+    let (addr, http) =
+        telemetry::serve(settings.metrics.listen, endpoint, shutdown.clone()).await?;
     tracing::info!(%addr, "Metrics endpoint listening.");
 
     let env = model::init_runtime(settings.onnxruntime_library().as_deref())?;
@@ -142,6 +162,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         Some(path) => {
             let r = RuleSet::load(path)?;
             tracing::info!(version = %r.version, rules = r.rules.len(), "Rules loaded.");
+            for rule in &r.rules {
+                metrics::counter!(telemetry::RULE_HITS, "rule" => rule.code.clone()).increment(0);
+            }
             r
         }
         None => RuleSet::empty(),
@@ -342,6 +365,7 @@ fn process_loop(
             }
         }
         let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
+        core.readiness.beat();
         core.accept(msgs.drain(..));
         core.step(consumer)?;
     }
@@ -635,7 +659,7 @@ impl Core {
             self.watermarks.remove(&(i, p));
             self.flow_paused.remove(&(i, p));
         }
-        self.readiness.set(!self.assigned.is_empty());
+        self.readiness.set_assigned(self.assigned.len());
     }
 
     /// Expiry: entities idle, by their own partition's stream time, for longer than the TTL

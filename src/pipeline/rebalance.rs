@@ -225,7 +225,7 @@ impl Core {
             tracing::warn!(error = %e, "Cannot pause assigned partitions until their state is restored.");
         }
         self.readiness.set_restoring(self.restorer.restoring());
-        self.readiness.set(!self.assigned.is_empty());
+        self.readiness.set_assigned(self.assigned.len());
     }
 
     /// One bounded step of the restores in progress. Errors are fatal (the store).

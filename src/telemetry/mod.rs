@@ -1,17 +1,17 @@
-//! Metric names and the HTTP endpoint that serves `/metrics`, `/healthz`, `/readyz` and
-//! `POST /admin/reload-model`.
+//! Metric names and the HTTP endpoint (axum) that serves `/metrics`, `/healthz`, `/readyz`
+//! and `POST /admin/reload-model`.
 //!
 //! Names follow Prometheus conventions: `fraudstream_` prefix, base units, `_total` on
 //! counters, `_seconds` histograms with explicit buckets. Labels are bounded: topic,
 //! decision, error kind; never an entity or transaction id.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -44,6 +44,11 @@ pub const COMMIT_DURATION: &str = "fraudstream_commit_duration_seconds";
 pub const COMMITS: &str = "fraudstream_commits_total";
 /// Counter: idle entities expired (deleted, with a changelog tombstone).
 pub const EXPIRED: &str = "fraudstream_expired_entities_total";
+/// Histogram, label `model_version`: the scores the primary model gives (drift shows as a
+/// moving distribution).
+pub const SCORES: &str = "fraudstream_score";
+/// Gauge, labels `version`, `guarantee`: 1 (an info metric).
+pub const BUILD_INFO: &str = "fraudstream_build_info";
 /// Gauge, labels `topic`, `partition`: messages of an assigned partition not yet read
 /// (last stable offset − position), from librdkafka statistics.
 pub const CONSUMER_LAG: &str = "fraudstream_consumer_lag_messages";
@@ -81,6 +86,9 @@ const SCORING_BUCKETS: [f64; 12] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
 ];
 const ROW_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
+const SCORE_BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99,
+];
 
 /// Installs the global Prometheus recorder and describes every metric.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -91,6 +99,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Full(MERGE_WAIT.into()), &LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(SCORING_DURATION.into()), &SCORING_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(SCORING_BATCH_ROWS.into()), &ROW_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(SCORES.into()), &SCORE_BUCKETS)?
         .install_recorder()?;
     metrics::describe_counter!(MESSAGES_CONSUMED, "Messages taken from an input topic.");
     metrics::describe_counter!(VERDICTS, "Verdicts committed, by decision.");
@@ -126,6 +135,11 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_counter!(
         EXPIRED,
         "Idle entities expired (deleted, with a changelog tombstone)."
+    );
+    metrics::describe_histogram!(SCORES, "Scores the primary model gave, by model version.");
+    metrics::describe_gauge!(
+        BUILD_INFO,
+        "1, with the version and the processing guarantee as labels."
     );
     metrics::describe_gauge!(
         ASSIGNED_PARTITIONS,
@@ -168,23 +182,41 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
-/// Whether this instance is doing its work (`/readyz`): partitions assigned, their state
-/// restored, and the global tables loaded.
+/// What `/readyz` and `/healthz` report, kept current by the pipeline.
+///
+/// Ready once the instance has joined its group (its first assignment, possibly empty, is
+/// done), no restore is in progress and the global tables are loaded: an instance without
+/// partitions is ready (a spare, which a rolling update needs). Healthy while the processing
+/// loop turns: it turns at least every 100 ms, so one that has not for
+/// `metrics.stall-timeout-ms` is stuck and should be restarted.
 #[derive(Clone, Default)]
 pub struct Readiness(Arc<ReadinessInner>);
 
 #[derive(Default)]
 pub struct ReadinessInner {
-    assigned: AtomicBool,
+    /// The first assignment is done.
+    started: AtomicBool,
+    /// Partitions assigned here (informational).
+    assigned: std::sync::atomic::AtomicUsize,
     /// Assigned partitions whose state is not restored yet.
     restoring: std::sync::atomic::AtomicUsize,
     global_loaded: AtomicBool,
+    /// When the processing loop last turned (ms since the epoch; 0: not started).
+    beat_ms: std::sync::atomic::AtomicI64,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl Readiness {
-    /// Partitions assigned (or not).
-    pub fn set(&self, assigned: bool) {
-        self.0.assigned.store(assigned, Ordering::Relaxed);
+    /// An assignment was applied: `partitions` are assigned now.
+    pub fn set_assigned(&self, partitions: usize) {
+        self.0.assigned.store(partitions, Ordering::Relaxed);
+        self.0.started.store(true, Ordering::Relaxed);
     }
     pub fn set_restoring(&self, partitions: usize) {
         self.0.restoring.store(partitions, Ordering::Relaxed);
@@ -192,114 +224,178 @@ impl Readiness {
     pub fn set_global_loaded(&self, loaded: bool) {
         self.0.global_loaded.store(loaded, Ordering::Relaxed);
     }
-    /// Which condition of readiness does not hold.
-    pub fn why_not(&self) -> &'static str {
-        if !self.0.global_loaded.load(Ordering::Relaxed) {
-            "global tables loading"
-        } else if !self.0.assigned.load(Ordering::Relaxed) {
-            "no partitions assigned"
-        } else if self.0.restoring.load(Ordering::Relaxed) > 0 {
-            "restoring state"
+    /// The processing loop turned.
+    pub fn beat(&self) {
+        self.0.beat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether ready, and the condition, in words.
+    pub fn ready(&self) -> (bool, String) {
+        let i = &self.0;
+        if !i.global_loaded.load(Ordering::Relaxed) {
+            return (false, "not ready: loading the global tables".into());
+        }
+        if !i.started.load(Ordering::Relaxed) {
+            return (false, "not ready: joining the consumer group".into());
+        }
+        let restoring = i.restoring.load(Ordering::Relaxed);
+        if restoring > 0 {
+            return (
+                false,
+                format!("not ready: restoring the state of {restoring} partition(s)"),
+            );
+        }
+        let assigned = i.assigned.load(Ordering::Relaxed);
+        if assigned == 0 {
+            return (true, "ready: no partitions assigned (a spare)".into());
+        }
+        (
+            true,
+            format!("ready: {assigned} partition(s) assigned and restored"),
+        )
+    }
+
+    /// Whether the processing loop has turned within `stall`, and what it last did.
+    pub fn healthy(&self, stall: Duration) -> (bool, String) {
+        let beat = self.0.beat_ms.load(Ordering::Relaxed);
+        if beat == 0 {
+            return (true, "ok: starting".into());
+        }
+        let since = now_ms().saturating_sub(beat);
+        if since as u128 > stall.as_millis() {
+            (
+                false,
+                format!("unhealthy: the processing loop has not turned for {since} ms"),
+            )
         } else {
-            "ready"
+            (
+                true,
+                format!("ok: the processing loop turned {since} ms ago"),
+            )
         }
     }
 
+    /// Whether ready (for tests and logs).
     pub fn get(&self) -> bool {
-        self.0.assigned.load(Ordering::Relaxed)
-            && self.0.restoring.load(Ordering::Relaxed) == 0
-            && self.0.global_loaded.load(Ordering::Relaxed)
+        self.ready().0
     }
 }
 
-/// Binds the endpoint; returns the bound address (useful with port 0) and the serving task.
+/// What the endpoint needs besides the metrics.
+pub struct Endpoint {
+    pub metrics: PrometheusHandle,
+    pub readiness: Readiness,
+    /// How long the processing loop may go without a turn before `/healthz` fails.
+    pub stall: Duration,
+    /// `POST /admin/reload-model`, with the token its requests must carry; `None`: off.
+    pub admin: Option<(Arc<dyn Admin>, String)>,
+}
+
+/// Binds the endpoint (axum on the runtime); returns the bound address (useful with port 0)
+/// and the serving task, which ends when `shutdown` is cancelled.
 pub async fn serve(
     addr: SocketAddr,
-    handle: PrometheusHandle,
-    readiness: Readiness,
-    admin: Arc<dyn Admin>,
+    endpoint: Endpoint,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    use axum::routing::{get, post};
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
+    let endpoint = Arc::new(endpoint);
+    let upkeep = endpoint.metrics.clone();
+    let app = axum::Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/admin/reload-model", post(reload_model))
+        .with_state(endpoint);
     let task = tokio::spawn(async move {
-        let mut upkeep = tokio::time::interval(Duration::from_secs(5));
+        let stop = shutdown.clone();
+        let serving = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                stop.cancelled().await;
+            })
+            .into_future();
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tokio::pin!(serving);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = upkeep.tick() => handle.run_upkeep(),
-                accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
-                    let handle = handle.clone();
-                    let readiness = readiness.clone();
-                    let admin = admin.clone();
-                    tokio::spawn(async move {
-                        let _ = respond(stream, &handle, &readiness, admin.as_ref()).await;
-                    });
+                r = &mut serving => {
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "Metrics endpoint stopped.");
+                    }
+                    break;
                 }
+                _ = tick.tick() => upkeep.run_upkeep(),
             }
         }
     });
     Ok((bound, task))
 }
 
-/// A minimal HTTP/1.1 responder: one request per connection, GET (and one POST) only.
-async fn respond(
-    mut stream: tokio::net::TcpStream,
-    handle: &PrometheusHandle,
-    readiness: &Readiness,
-    admin: &dyn Admin,
-) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 4096];
-    let mut len = 0;
-    // Read until the end of the request head (or 4 KiB, or 2 s).
-    let read = async {
-        loop {
-            let n = stream.read(&mut buf[len..]).await?;
-            len += n;
-            if n == 0 || len == buf.len() || buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                return Ok::<_, std::io::Error>(());
-            }
-        }
+type State = axum::extract::State<Arc<Endpoint>>;
+type Reply = (axum::http::StatusCode, String);
+
+async fn metrics_text(axum::extract::State(e): State) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        e.metrics.render(),
+    )
+}
+
+fn reply(ok: bool, text: String) -> Reply {
+    use axum::http::StatusCode;
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
     };
-    if tokio::time::timeout(Duration::from_secs(2), read)
-        .await
-        .is_err()
-    {
-        return Ok(());
+    (status, text + "\n")
+}
+
+async fn healthz(axum::extract::State(e): State) -> Reply {
+    let (ok, text) = e.readiness.healthy(e.stall);
+    reply(ok, text)
+}
+
+async fn readyz(axum::extract::State(e): State) -> Reply {
+    let (ok, text) = e.readiness.ready();
+    reply(ok, text)
+}
+
+/// Loads and checks the configured model files again; answers once they are checked (the
+/// swap follows at the next batch boundary) or refused. Off unless `metrics.admin-token`
+/// is set; then only with `Authorization: Bearer <token>`.
+async fn reload_model(axum::extract::State(e): State, headers: axum::http::HeaderMap) -> Reply {
+    use axum::http::StatusCode;
+    let Some((admin, token)) = &e.admin else {
+        return (
+            StatusCode::NOT_FOUND,
+            "the admin endpoint is off (set metrics.admin-token)\n".into(),
+        );
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "a valid bearer token is required\n".into(),
+        );
     }
-    let head = String::from_utf8_lossy(&buf[..len]);
-    let mut parts = head.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", handle.render()),
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET", "/readyz") if readiness.get() => ("200 OK", "text/plain", "ready\n".to_string()),
-        ("GET", "/readyz") => (
-            "503 Service Unavailable",
-            "text/plain",
-            format!("not ready: {}\n", readiness.why_not()),
-        ),
-        // Loads and checks the configured model files again; answers once they are checked
-        // (the swap follows at the next batch boundary) or refused.
-        ("POST", "/admin/reload-model") => match admin.reload().await {
-            Ok(summary) => ("200 OK", "text/plain", format!("{summary}\n")),
-            Err(e) => ("422 Unprocessable Entity", "text/plain", format!("{e}\n")),
-        },
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only (and POST /admin/reload-model)\n".to_string(),
-        ),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    match admin.reload().await {
+        Ok(summary) => (StatusCode::OK, format!("{summary}\n")),
+        Err(e) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")),
+    }
+}
+
+/// Compares without an early exit, so the time taken says nothing of how much matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
