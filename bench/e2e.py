@@ -104,7 +104,8 @@ class Scorer:
                    FRAUDSTREAM__TOPICS__BLOCKLIST=self.topics["blocklist"],
                    FRAUDSTREAM__METRICS__LISTEN=self.metrics,
                    FRAUDSTREAM__PROCESSING__GUARANTEE=self.args.guarantee,
-                   FRAUDSTREAM__STATE__PATH=f"/tmp/{self.run}-state", RUST_LOG="warn")
+                   FRAUDSTREAM__STATE__PATH=f"/tmp/{self.run}-state",
+                   FRAUDSTREAM__STATE__HMAC_SECRET=os.urandom(16).hex(), RUST_LOG="warn")
         self.log = open(f"/tmp/{self.run}.log", "w")
         self.proc = subprocess.Popen([self.args.bin, "run", "--config", "docs/fraudstream.toml"],
                                      env=env, stdout=subprocess.DEVNULL, stderr=self.log, cwd=REPO)

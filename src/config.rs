@@ -241,6 +241,13 @@ pub struct InputSettings {
     pub format: InputFormat,
     /// Larger messages are dead-lettered without being parsed.
     pub max_message_bytes: usize,
+    /// Larger amounts are dead-lettered (`invalid-amount`): one absurd amount must not skew
+    /// a merchant's profile for everyone after it.
+    pub max_amount: f64,
+    /// An event more than this far (ms) ahead of both its partition's stream time and the
+    /// wall clock is dead-lettered (`event-time-skew`): one bad clock must not move a
+    /// partition's windows and expiry. 0 = no limit.
+    pub max_future_skew_ms: u64,
     /// Confluent wire-format schema ids and the writer schema (`.avsc` path) each stands for.
     /// Records are resolved from the writer schema to fraudstream's Transaction schema, so
     /// compatible evolutions (added optional fields, reordering) decode. When empty, id 1 is
@@ -253,6 +260,8 @@ impl Default for InputSettings {
         InputSettings {
             format: InputFormat::Auto,
             max_message_bytes: 64 * 1024,
+            max_amount: 1e12,
+            max_future_skew_ms: 86_400_000,
             schema_ids: BTreeMap::new(),
         }
     }
@@ -372,7 +381,7 @@ impl Default for MetricsSettings {
     }
 }
 
-/// The development secret; a warning is logged while it is in use.
+/// The development secret, used only with `state.development-secret = true` (loudly).
 pub const DEV_HMAC_SECRET: &str = "fraudstream-development-secret";
 
 #[derive(Clone, Deserialize, Serialize)]
@@ -382,14 +391,37 @@ pub struct StateSettings {
     pub path: PathBuf,
     /// Key for the HMAC that replaces every customer, merchant, card, e-mail, device and IP
     /// identifier in state. Text, or `{ file = "PATH" }`. Changing it orphans existing state.
-    pub hmac_secret: KafkaValue,
+    /// Required by `run`: a known key lets anyone with the changelog test every e-mail or IP
+    /// address against it.
+    pub hmac_secret: Option<KafkaValue>,
+    /// Allows the built-in development key when `hmac-secret` is unset (a warning at start).
+    /// For a laptop, never for real data.
+    pub development_secret: bool,
 }
 
 impl Default for StateSettings {
     fn default() -> Self {
         StateSettings {
             path: PathBuf::from("fraudstream-state"),
-            hmac_secret: KafkaValue::Text(DEV_HMAC_SECRET.into()),
+            hmac_secret: None,
+            development_secret: false,
+        }
+    }
+}
+
+impl StateSettings {
+    /// The HMAC key: the configured one, or the development one where allowed.
+    pub fn secret(&self) -> anyhow::Result<String> {
+        match &self.hmac_secret {
+            Some(v) => {
+                let s = v.resolve("state.hmac-secret")?;
+                anyhow::ensure!(!s.is_empty(), "`state.hmac-secret` is empty");
+                Ok(s)
+            }
+            None if self.development_secret => Ok(DEV_HMAC_SECRET.to_string()),
+            None => anyhow::bail!(
+                "`state.hmac-secret` is not set: give a random key of your own (text, or {{ file = \"PATH\" }}; `openssl rand -hex 32` makes one), or set `state.development-secret = true` on a development machine"
+            ),
         }
     }
 }
@@ -397,12 +429,14 @@ impl Default for StateSettings {
 impl std::fmt::Debug for StateSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let secret = match &self.hmac_secret {
-            KafkaValue::File { file } => format!("(from file {})", file.display()),
-            _ => "<redacted>".into(),
+            Some(KafkaValue::File { file }) => format!("(from file {})", file.display()),
+            Some(_) => "<redacted>".into(),
+            None => "(unset)".into(),
         };
         f.debug_struct("StateSettings")
             .field("path", &self.path)
             .field("hmac_secret", &secret)
+            .field("development_secret", &self.development_secret)
             .finish()
     }
 }
@@ -583,6 +617,9 @@ impl Settings {
         if self.batch.max_records == 0 {
             return bad("`batch.max-records` must be at least 1".into());
         }
+        if !(self.input.max_amount.is_finite() && self.input.max_amount > 0.0) {
+            return bad("`input.max-amount` must be a finite number > 0".into());
+        }
         if self.input.max_message_bytes == 0 {
             return bad("`input.max-message-bytes` must be at least 1".into());
         }
@@ -662,8 +699,10 @@ impl Settings {
                 *t = KafkaValue::Text("<redacted>".into());
             }
         }
-        if !matches!(s.state.hmac_secret, KafkaValue::File { .. }) {
-            s.state.hmac_secret = KafkaValue::Text("<redacted>".into());
+        if let Some(v) = &mut s.state.hmac_secret {
+            if !matches!(v, KafkaValue::File { .. }) {
+                *v = KafkaValue::Text("<redacted>".into());
+            }
         }
         s
     }
@@ -954,6 +993,23 @@ mod tests {
         assert!(err.to_string().contains("transactional"), "{err}");
         let err = load_str("[input.schema-ids]\nabc = \"x.avsc\"\n", &[]).unwrap_err();
         assert!(err.to_string().contains("abc"), "{err}");
+    }
+
+    #[test]
+    fn an_hmac_key_is_required_unless_development_is_said() {
+        let err = Settings::load(None, Vec::new(), &[])
+            .unwrap()
+            .state
+            .secret()
+            .unwrap_err();
+        assert!(err.to_string().contains("openssl rand -hex 32"), "{err}");
+        let dev =
+            Settings::load(None, Vec::new(), &["state.development-secret=true".into()]).unwrap();
+        assert_eq!(dev.state.secret().unwrap(), DEV_HMAC_SECRET);
+        let mine = Settings::load(None, Vec::new(), &["state.hmac-secret=k3y".into()]).unwrap();
+        assert_eq!(mine.state.secret().unwrap(), "k3y");
+        let printed = toml::to_string(&mine.redacted()).unwrap();
+        assert!(!printed.contains("k3y"), "{printed}");
     }
 
     #[test]

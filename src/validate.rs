@@ -28,6 +28,13 @@ fn problem(message: String) -> Finding {
 /// checks).
 pub fn validate(settings: &Settings, brokers: Option<Duration>) -> Vec<Finding> {
     let mut out = Vec::new();
+    match settings.state.secret() {
+        Ok(s) if s == crate::config::DEV_HMAC_SECRET => out.push(Finding::warning(
+            "state: the built-in development HMAC key (state.development-secret)".into(),
+        )),
+        Ok(_) => out.push(ok("state: HMAC key configured".into())),
+        Err(e) => out.push(problem(format!("state: {e}"))),
+    }
     if let Some(path) = &settings.decision.rules {
         match RuleSet::load(path) {
             Ok(r) => out.push(ok(format!(

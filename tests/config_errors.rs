@@ -6,7 +6,9 @@ use crate::util::*;
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fraudstream"));
-    cmd.current_dir(repo()).args(args);
+    cmd.current_dir(repo())
+        .args(args)
+        .env("FRAUDSTREAM__STATE__HMAC_SECRET", HMAC_SECRET);
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -265,3 +265,73 @@ async fn each_malformed_kind_is_dead_lettered_and_neighbours_scored() {
     }
     scorer.stop();
 }
+
+/// A 100-byte Avro transaction whose `features` array claims 100 million values (4 GB to
+/// reserve): the scorer, its address space limited to 3 GiB (it needs about 1.4), refuses the
+/// claim as a decode error (dead letter) instead of aborting, and scores its neighbours. So
+/// do a claimed 100-million-byte string and a claimed 100-million-entry `features` in JSON.
+#[tokio::test(flavor = "multi_thread")]
+async fn claims_larger_than_the_message_are_dead_lettered_under_a_memory_limit() {
+    let t = topics("claims", 1).await;
+    let rows = sample();
+    let mut claim = encode_transaction(&Transaction {
+        transaction_id: "claim-array".into(),
+        event_time_ms: T0,
+        customer_id: "c".into(),
+        merchant_id: "m".into(),
+        amount: 1.0,
+        currency: "EUR".into(),
+        features: None,
+        ..Transaction::default()
+    });
+    // features: null (union 0) → array (union 1), one block of 100M doubles, 3 present.
+    assert_eq!(claim.pop(), Some(0), "the last field is `features`, null");
+    claim.push(2);
+    let mut n: u64 = 100_000_000 << 1; // zigzag
+    while n >= 0x80 {
+        claim.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    claim.push(n as u8);
+    claim.extend_from_slice(&[0u8; 24]);
+    // transaction_id: a string claiming 100M bytes, then the end of the message.
+    let mut long_id = vec![0u8; 0];
+    let mut n: u64 = 100_000_000 << 1;
+    while n >= 0x80 {
+        long_id.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    long_id.push(n as u8);
+    long_id.extend_from_slice(b"abc");
+    let p = producer();
+    let good = |i: usize| rows[i].json(&format!("ok{i}"), "c", T0 + i as i64);
+    send(&p, &t.transactions, Some(b"c"), Some(good(0).as_bytes())).await;
+    send(&p, &t.transactions, Some(b"c"), Some(&claim)).await;
+    send(&p, &t.transactions, Some(b"c"), Some(&long_id)).await;
+    send(&p, &t.transactions, Some(b"c"), Some(good(1).as_bytes())).await;
+    let mut scorer = Scorer::start_limited(&t, 3 << 20, &[]);
+    let mut verdicts = Reader::new(&t.verdicts);
+    let mut dlq = Reader::new(&t.dead_letter);
+    assert!(
+        verdicts
+            .read_until(Duration::from_secs(60), |m| m.len() >= 2)
+            .await,
+        "neighbours scored; running: {}; log:\n{}",
+        scorer.running(),
+        scorer.log_text()
+    );
+    assert!(
+        dlq.read_until(Duration::from_secs(30), |m| m.len() >= 2)
+            .await
+    );
+    for m in &dlq.messages {
+        assert_eq!(
+            header(m, "fraudstream.error.kind").as_deref(),
+            Some("avro-decode"),
+            "{:?}",
+            header(m, "fraudstream.error.message")
+        );
+    }
+    assert!(scorer.running(), "alive after the claims");
+    scorer.stop();
+}

@@ -8,6 +8,7 @@ mod config_errors;
 mod dead_letter;
 mod decision;
 mod eos;
+mod hostile;
 mod kafka;
 mod operations;
 mod parity;

@@ -438,6 +438,8 @@ pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
 
 /// The admin token every test scorer is given (`metrics.admin-token`).
 pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// The HMAC key every test scorer is given (`state.hmac-secret`).
+pub const HMAC_SECRET: &str = "test-hmac-secret-0123456789abcdef";
 
 /// A `fraudstream run` child process.
 pub struct Scorer {
@@ -467,9 +469,27 @@ impl Scorer {
 
     /// Starts a named instance; restarting the same name reuses its state directory.
     pub fn start_instance(t: &Topics, instance: &str, extra: &[(&str, &str)]) -> Scorer {
+        Scorer::launch(t, instance, extra, None)
+    }
+
+    /// Starts instance "a" with its address space limited to `kib` (`ulimit -v`): an
+    /// allocation beyond it aborts the process.
+    pub fn start_limited(t: &Topics, kib: u64, extra: &[(&str, &str)]) -> Scorer {
+        Scorer::launch(t, "a", extra, Some(kib))
+    }
+
+    fn launch(t: &Topics, instance: &str, extra: &[(&str, &str)], limit: Option<u64>) -> Scorer {
         let metrics = format!("127.0.0.1:{}", free_port());
         let log = std::env::temp_dir().join(format!("{}.log", unique("fraudstream")));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fraudstream"));
+        let bin = env!("CARGO_BIN_EXE_fraudstream");
+        let mut cmd = match limit {
+            None => Command::new(bin),
+            Some(kib) => {
+                let mut c = Command::new("bash");
+                c.args(["-c", &format!("ulimit -v {kib} && exec \"$0\" \"$@\""), bin]);
+                c
+            }
+        };
         cmd.current_dir(repo())
             .args(["run", "--config", "docs/fraudstream.toml"])
             .env("FRAUDSTREAM__BROKERS", brokers())
@@ -482,6 +502,7 @@ impl Scorer {
             .env("FRAUDSTREAM__TOPICS__DEAD_LETTER", &t.dead_letter)
             .env("FRAUDSTREAM__METRICS__LISTEN", &metrics)
             .env("FRAUDSTREAM__METRICS__ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("FRAUDSTREAM__STATE__HMAC_SECRET", HMAC_SECRET)
             .env("FRAUDSTREAM__STATE__PATH", Scorer::state_dir(t, instance))
             // The fixtures are ULB rows with their feature vectors: the passthrough model
             // reads them (the default model reads Sparkov-style transactions).

@@ -14,7 +14,8 @@ fn validate(env: &[(&str, &str)]) -> (bool, String) {
             "--timeout",
             "5",
         ])
-        .env("FRAUDSTREAM__BROKERS", brokers());
+        .env("FRAUDSTREAM__BROKERS", brokers())
+        .env("FRAUDSTREAM__STATE__HMAC_SECRET", HMAC_SECRET);
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -137,6 +137,7 @@ class Instance:
                    FRAUDSTREAM__TOPICS__LABELS=t["labels"], FRAUDSTREAM__TOPICS__BLOCKLIST=t["blocklist"],
                    FRAUDSTREAM__METRICS__LISTEN=f"127.0.0.1:{free_port()}",
                    FRAUDSTREAM__STATE__PATH=self.state,
+                   FRAUDSTREAM__STATE__HMAC_SECRET=self.args.hmac_secret,
                    FRAUDSTREAM__PROCESSING__GUARANTEE=self.args.guarantee,
                    FRAUDSTREAM__OUTPUT__AUDIT_FEATURES="true",
                    # Both runs merge the inputs in the same (event-time) order: wait, never guess.
@@ -403,6 +404,7 @@ def main():
     args = ap.parse_args()
 
     run_id = f"chaos-{os.getpid()}-{int(time.time())}"
+    args.hmac_secret = os.urandom(16).hex()
     work = tempfile.mkdtemp(prefix="fraudstream-chaos-")
     broker = Broker(work)
     broker.start()

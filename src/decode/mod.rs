@@ -69,10 +69,12 @@ pub enum ErrorKind {
     FeatureLength,
     AvroDecode,
     UnknownSchemaId,
+    /// Far ahead of its partition's stream time and of the wall clock.
+    EventTimeSkew,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::Empty,
         ErrorKind::Oversized,
         ErrorKind::MalformedJson,
@@ -83,6 +85,7 @@ impl ErrorKind {
         ErrorKind::FeatureLength,
         ErrorKind::AvroDecode,
         ErrorKind::UnknownSchemaId,
+        ErrorKind::EventTimeSkew,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -97,6 +100,7 @@ impl ErrorKind {
             ErrorKind::FeatureLength => "feature-length",
             ErrorKind::AvroDecode => "avro-decode",
             ErrorKind::UnknownSchemaId => "unknown-schema-id",
+            ErrorKind::EventTimeSkew => "event-time-skew",
         }
     }
 }
@@ -159,6 +163,7 @@ impl Requirements {
 pub struct Decoder {
     format: InputFormat,
     max_bytes: usize,
+    max_amount: f64,
     requirements: Requirements,
     avro: AvroSchemas,
 }
@@ -186,9 +191,15 @@ impl Decoder {
         if writers.is_empty() {
             writers.insert(1, transaction_schema().clone());
         }
+        // No Avro length (of a string, bytes, an array or a map) may claim more than a whole
+        // message could hold: apache-avro reserves what a length claims before reading it,
+        // and a 100-byte message claiming 100 million array items would ask for gigabytes.
+        // (A process-wide setting of apache-avro, taken at its first use.)
+        apache_avro::util::max_allocation_bytes(input.max_message_bytes);
         Ok(Decoder {
             format: input.format,
             max_bytes: input.max_message_bytes,
+            max_amount: input.max_amount,
             requirements,
             avro: AvroSchemas::new(writers),
         })
@@ -231,6 +242,15 @@ impl Decoder {
             },
         };
         validate(&tx, &self.requirements)?;
+        if tx.amount > self.max_amount {
+            return Err(DecodeError::new(
+                ErrorKind::InvalidAmount,
+                format!(
+                    "`amount` {} is over input.max-amount = {}",
+                    tx.amount, self.max_amount
+                ),
+            ));
+        }
         Ok(tx)
     }
 }

@@ -72,6 +72,8 @@ pub struct Processor {
     verdict_schema_id: Option<u32>,
     /// `output.trace-header`: copied from a transaction's record to its verdict's.
     trace_header: String,
+    /// `input.max-future-skew-ms` (as i64; 0: no limit).
+    max_future_skew_ms: i64,
     rows: Vec<f32>,
     audit_rows: Vec<f32>,
     shadow_rows: Vec<f32>,
@@ -113,6 +115,8 @@ impl Processor {
             verdict_format: settings.output.verdict_format,
             verdict_schema_id: settings.output.verdict_schema_id,
             trace_header: settings.output.trace_header.clone(),
+            max_future_skew_ms: i64::try_from(settings.input.max_future_skew_ms)
+                .unwrap_or(i64::MAX),
             rows: Vec::new(),
             audit_rows: Vec::new(),
             shadow_rows: Vec::new(),
@@ -189,6 +193,11 @@ impl Processor {
                 current = Some(p);
             }
             let rec = &q.item;
+            if let Some(e) = self.too_far_ahead(p, q.time, state, stream_time) {
+                dead[e.kind as usize] += 1;
+                out.dead_letters.push(dead_letter(&rec.msg, &e));
+                continue;
+            }
             match &rec.event {
                 Event::Tx(tx) => match self.model.features.requirements().check(tx) {
                     Ok(()) => {
@@ -234,6 +243,39 @@ impl Processor {
             }
         }
         Ok(())
+    }
+
+    /// An event further ahead than `input.max-future-skew-ms` of both its partition's stream
+    /// time and the wall clock: one bad clock must not move the partition's windows and
+    /// expiry. (Not the stream time alone: a partition quiet for days is behind the clock.)
+    fn too_far_ahead(
+        &self,
+        p: i32,
+        time: i64,
+        state: &StateBatch,
+        committed: &HashMap<i32, i64>,
+    ) -> Option<DecodeError> {
+        if self.max_future_skew_ms == 0 || time == i64::MIN {
+            return None;
+        }
+        let stream = state
+            .stream_time
+            .get(&p)
+            .or(committed.get(&p))
+            .copied()
+            .unwrap_or(i64::MIN);
+        let limit = stream
+            .max(super::now_ms())
+            .saturating_add(self.max_future_skew_ms);
+        (time > limit).then(|| {
+            DecodeError::new(
+                ErrorKind::EventTimeSkew,
+                format!(
+                    "event time {time} ms is more than input.max-future-skew-ms = {} ahead of its partition's stream time and of the clock",
+                    self.max_future_skew_ms
+                ),
+            )
+        })
     }
 
     fn apply_navigation(
@@ -448,7 +490,11 @@ fn blocklist_entry(
     let id = engine::entity_id(tx, entity)?;
     let hash = crate::state::global::hash(hasher, entity, id);
     let reason = tables.block_reason(entity, hash, tx.event_time_ms)?;
-    Some(format!("blocklist entry {}:{id}, {reason}", entity.name()))
+    Some(format!(
+        "blocklist entry {}:{}, {reason}",
+        entity.name(),
+        crate::state::global::mask(entity, id)
+    ))
 }
 
 /// The `k` features with the largest positive contributions, as reasons.

@@ -194,9 +194,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     .context("cannot start the model watcher")?;
     let decoder = Decoder::new(&settings.input, model.features.requirements())?;
     let store = Store::open(&settings.state.path)?;
-    let secret = settings.state.hmac_secret.resolve("state.hmac-secret")?;
+    let secret = settings.state.secret()?;
     if secret == crate::config::DEV_HMAC_SECRET {
-        tracing::warn!("Using the development HMAC secret for state keys; set state.hmac-secret in production.");
+        tracing::warn!("USING THE BUILT-IN DEVELOPMENT HMAC KEY (state.development-secret): anyone with the changelog can test identifiers against it. Never with real data.");
     }
     let hasher = Hasher::new(secret.as_bytes());
 

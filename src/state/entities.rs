@@ -25,11 +25,17 @@ pub struct Moments {
 }
 
 impl Moments {
+    /// Adds `x`, unless that would make the statistics infinite or NaN (a value near the
+    /// largest double): such a value is left out, so no one value can blind the z-scores
+    /// computed from these for good.
     pub fn add(&mut self, x: f64) {
-        self.n += 1;
+        let n = self.n + 1;
         let d = x - self.mean;
-        self.mean += d / self.n as f64;
-        self.m2 += d * (x - self.mean);
+        let mean = self.mean + d / n as f64;
+        let m2 = self.m2 + d * (x - mean);
+        if mean.is_finite() && m2.is_finite() {
+            (self.n, self.mean, self.m2) = (n, mean, m2);
+        }
     }
 
     /// Sample standard deviation; 0 with fewer than two values.
@@ -439,6 +445,20 @@ mod tests {
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 7.0;
         assert!((m.mean - mean).abs() < 1e-12);
         assert!((m.sd() - var.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn no_value_makes_the_statistics_infinite() {
+        let mut m = Moments::default();
+        for x in [10.0, 12.0, f64::MAX, 11.0, f64::MAX / 3.0, 1e300] {
+            m.add(x);
+            assert!(
+                m.mean.is_finite() && m.m2.is_finite() && m.sd().is_finite(),
+                "{m:?}"
+            );
+        }
+        assert_eq!(m.n, 3, "the absurd values were left out");
+        assert!((m.mean - 11.0).abs() < 1e-9);
     }
 
     #[test]

@@ -59,6 +59,46 @@ pub struct GlobalHits {
     pub blocked: [bool; 6],
 }
 
+/// An identifier as a verdict's reason may show it: enough for an analyst to recognise it,
+/// not enough to read it (an e-mail's domain, a card's last four, an IP address's /24 or
+/// /48, the last four characters of anything else).
+pub fn mask(entity: Entity, id: &str) -> String {
+    fn last4(id: &str) -> String {
+        let tail: String = id
+            .chars()
+            .rev()
+            .take(4)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        if id.chars().count() <= 4 {
+            "****".into()
+        } else {
+            format!("…{tail}")
+        }
+    }
+    match entity {
+        Entity::EmailDomain => id.to_ascii_lowercase(),
+        Entity::Email => match email_domain(id) {
+            Some(d) => format!("***@{}", d.to_ascii_lowercase()),
+            None => "***".into(),
+        },
+        Entity::Ip => match id.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(v4)) => {
+                let [a, b, c, _] = v4.octets();
+                format!("{a}.{b}.{c}.0/24")
+            }
+            Ok(std::net::IpAddr::V6(v6)) => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2])
+            }
+            Err(_) => last4(id),
+        },
+        Entity::Card | Entity::Device | Entity::Customer => last4(id),
+    }
+}
+
 /// The keyed hash of each entity of a transaction, by [`Entity::index`].
 pub type EntityHashes = [Option<u64>; 6];
 
@@ -87,13 +127,15 @@ pub fn email_domain(email: &str) -> Option<&str> {
     (!d.trim().is_empty()).then_some(d)
 }
 
+/// A blocklist key that is not `<entity>:<id>`. Its text says how it is wrong without
+/// quoting it: a key is an identifier (an e-mail, a card), which no log may hold.
 #[derive(Debug, thiserror::Error, PartialEq)]
-#[error("blocklist key {0:?} is not `<entity>:<id>` with entity one of customer, card, email, email_domain, device, ip")]
-pub struct BadEntityRef(pub String);
+#[error("a blocklist key of {0} bytes is not `<entity>:<id>` with entity one of customer, card, email, email_domain, device, ip")]
+pub struct BadEntityRef(pub usize);
 
 /// `email:a@b.c` → (Email, "a@b.c").
 pub fn parse_entity_ref(key: &[u8]) -> Result<(Entity, &str), BadEntityRef> {
-    let bad = || BadEntityRef(String::from_utf8_lossy(&key[..key.len().min(64)]).into_owned());
+    let bad = || BadEntityRef(key.len());
     let s = std::str::from_utf8(key).map_err(|_| bad())?;
     let (kind, id) = s.split_once(':').ok_or_else(bad)?;
     let e = Entity::ALL
@@ -180,6 +222,23 @@ impl GlobalTables {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn masks_show_no_whole_identifier() {
+        assert_eq!(
+            mask(Entity::Email, "Fraudster@Example.com"),
+            "***@example.com"
+        );
+        assert_eq!(mask(Entity::Card, "4111111111111111"), "…1111");
+        assert_eq!(mask(Entity::Ip, "203.0.113.77"), "203.0.113.0/24");
+        assert_eq!(
+            mask(Entity::Ip, "2001:db8:85a3::8a2e:370:7334"),
+            "2001:db8:85a3::/48"
+        );
+        assert_eq!(mask(Entity::Device, "dev-abcdef"), "…cdef");
+        assert_eq!(mask(Entity::Customer, "c1"), "****");
+        assert_eq!(mask(Entity::EmailDomain, "Evil.Example"), "evil.example");
+    }
+
     use super::*;
 
     #[test]
