@@ -132,7 +132,28 @@ pub struct Topics {
     pub repartition: String,
 }
 
+/// The smallest `output.dead-letter-max-bytes`.
+pub const MIN_DEAD_LETTER_BYTES: usize = 4096;
+
+/// librdkafka's default `message.max.bytes`.
+const PRODUCER_MAX_BYTES: usize = 1_000_000;
+
 impl Settings {
+    /// The producer's `message.max.bytes` (`[kafka-producer]`, else `[kafka]`, else
+    /// librdkafka's default): no record it is given may be larger.
+    pub fn producer_max_message_bytes(&self) -> anyhow::Result<usize> {
+        const KEY: &str = "message.max.bytes";
+        match self.kafka_producer.get(KEY).or_else(|| self.kafka.get(KEY)) {
+            None => Ok(PRODUCER_MAX_BYTES),
+            Some(v) => {
+                let text = v.resolve(KEY)?;
+                text.trim()
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("`{KEY}` = `{text}` is not a number of bytes"))
+            }
+        }
+    }
+
     /// The changelog topic's name.
     pub fn changelog_topic(&self) -> String {
         if self.topics.changelog.is_empty() {
@@ -289,6 +310,11 @@ pub struct OutputSettings {
     /// A header of the transaction record copied to its verdict's record (W3C trace context
     /// by default, or a correlation id of your own); "" = none.
     pub trace_header: String,
+    /// Most bytes of a dead letter (key, value and headers, as the producer counts them): a
+    /// larger one carries its payload cut to fit, with `fraudstream.payload.truncated`. The
+    /// limit in force is the smallest of this, the producer's `message.max.bytes` and the
+    /// dead-letter topic's `max.message.bytes` (less their overheads).
+    pub dead_letter_max_bytes: usize,
 }
 
 impl Default for OutputSettings {
@@ -298,6 +324,7 @@ impl Default for OutputSettings {
             audit_features: false,
             verdict_schema_id: None,
             trace_header: "traceparent".into(),
+            dead_letter_max_bytes: 900_000,
         }
     }
 }
@@ -622,6 +649,11 @@ impl Settings {
         }
         if self.input.max_message_bytes == 0 {
             return bad("`input.max-message-bytes` must be at least 1".into());
+        }
+        if self.output.dead_letter_max_bytes < MIN_DEAD_LETTER_BYTES {
+            return bad(format!(
+                "`output.dead-letter-max-bytes` must be at least {MIN_DEAD_LETTER_BYTES} (room for the headers that say where a dead letter came from)"
+            ));
         }
         for id in self.input.schema_ids.keys() {
             if id.parse::<u32>().is_err() {

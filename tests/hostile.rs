@@ -1,8 +1,17 @@
 //! What an outsider who can write a transaction can try, and what happens: an absurd amount
 //! and an event time from the far future are dead-lettered with their reason, and move
-//! nothing (no statistic, no stream time); the partition goes on.
+//! nothing (no statistic, no stream time); a message as large as the broker takes, with a
+//! huge key and headers, is dead-lettered cut to fit; the partition goes on. And what the
+//! operator can break: a dead-letter topic that is gone stops the scorer with the reason,
+//! losing nothing.
 
 use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::util::*;
 
@@ -73,4 +82,206 @@ async fn absurd_amounts_and_far_future_times_move_nothing() {
         feature(v, "h19", "merchant_amount_zscore")
     };
     assert!(last(hostile).is_finite() && last(hostile) != 0.0);
+}
+
+/// A producer that sends records as large as the broker takes (1 MiB).
+fn large_producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("message.max.bytes", "1048000")
+        .create()
+        .expect("producer")
+}
+
+/// Sends one record with a key, a value and headers (name, value bytes).
+async fn send_with_headers(
+    p: &FutureProducer,
+    topic: &str,
+    key: &[u8],
+    value: &[u8],
+    headers: &[(&str, Vec<u8>)],
+) {
+    let h = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+        h.insert(Header {
+            key: k,
+            value: Some(v),
+        })
+    });
+    p.send(
+        FutureRecord::to(topic).key(key).payload(value).headers(h),
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .expect("produce");
+}
+
+fn record_bytes(m: &rdkafka::message::OwnedMessage) -> usize {
+    use rdkafka::message::{Headers, Message};
+    m.key().map_or(0, <[u8]>::len)
+        + m.payload().map_or(0, <[u8]>::len)
+        + m.headers().map_or(0, |h| {
+            h.iter()
+                .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+                .sum()
+        })
+}
+
+/// A message of 1,040,000 bytes (near the broker's limit of 1 MiB: a 990,000-byte value, a
+/// 10-kB key, 40 kB of headers) between valid transactions, once with the dead-letter
+/// topic's defaults and once with a topic that takes at most 50,000 bytes: each time it is
+/// dead-lettered cut to fit, saying so, with its source; a 20-kB trace header is not copied
+/// to the verdict; every valid transaction is scored. Before dead letters were cut, the
+/// first one failed to produce at every attempt and the partition never moved again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_as_large_as_the_broker_takes_is_dead_lettered_cut_to_fit() {
+    let rows = sample();
+    for (name, topic_max) in [("default", None), ("small-dlq", Some("50000"))] {
+        let mut t = topics(&format!("hostile-large-{name}"), 1).await;
+        if let Some(max) = topic_max {
+            t.dead_letter = unique("hostile-small-dlq");
+            create_topics_with(&[(&t.dead_letter, 1, &[("max.message.bytes", max)])]).await;
+        }
+        let p = large_producer();
+        let valid = |i: usize| rows[i].json(&format!("ok{i}"), "c", T0 + i as i64 * 1000);
+        send(&p, &t.transactions, Some(b"c"), Some(valid(0).as_bytes())).await;
+        send_with_headers(
+            &p,
+            &t.transactions,
+            &[b'k'; 10_000],
+            &[b'x'; 990_000],
+            &[("h1", vec![b'v'; 20_000]), ("h2", vec![b'v'; 20_000])],
+        )
+        .await;
+        send_with_headers(
+            &p,
+            &t.transactions,
+            b"c",
+            valid(1).as_bytes(),
+            &[("traceparent", vec![b't'; 20_000])],
+        )
+        .await;
+        send(&p, &t.transactions, Some(b"c"), Some(valid(2).as_bytes())).await;
+
+        let mut scorer = Scorer::start(&t, &[]);
+        let mut verdicts = Reader::new(&t.verdicts);
+        assert!(
+            verdicts
+                .read_until(Duration::from_secs(60), |m| m.len() >= 3)
+                .await,
+            "{name}: the valid transactions were not all scored; log:\n{}",
+            scorer.log_text()
+        );
+        let traced = verdicts
+            .messages
+            .iter()
+            .find(|m| header(m, "traceparent").is_some());
+        assert!(traced.is_none(), "a 20-kB trace header was copied");
+        let mut dlq = Reader::new(&t.dead_letter);
+        assert!(
+            dlq.read_until(Duration::from_secs(10), |m| !m.is_empty())
+                .await
+        );
+        let d = &dlq.messages[0];
+        let limit = if topic_max.is_some() { 50_000 } else { 900_000 };
+        assert!(
+            record_bytes(d) <= limit,
+            "{name}: dead letter of {} bytes",
+            record_bytes(d)
+        );
+        assert_eq!(
+            header(d, "fraudstream.error.kind").as_deref(),
+            Some("oversized")
+        );
+        assert_eq!(
+            header(d, "fraudstream.payload.truncated").as_deref(),
+            Some("990000")
+        );
+        assert_eq!(header(d, "fraudstream.source.offset").as_deref(), Some("1"));
+        if topic_max.is_some() {
+            assert_eq!(
+                header(d, "fraudstream.headers.dropped").as_deref(),
+                Some("2")
+            );
+        } else {
+            assert_eq!(header(d, "h1").map(|v| v.len()), Some(20_000));
+        }
+        assert!(scorer.running());
+        scorer.stop();
+    }
+}
+
+/// The dead-letter topic is deleted under a running scorer, then a bad record arrives
+/// among valid ones: the scorer stops (non-zero) within a minute with the reason and what
+/// to do, and its open transaction is aborted (no verdict of it visible). With the topic
+/// back, the restarted scorer dead-letters the bad record and scores every valid one
+/// exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_topic_that_is_gone_stops_the_scorer_with_the_reason() {
+    let rows = sample();
+    let t = topics("hostile-dlq-gone", 1).await;
+    let p = producer();
+    let valid = |i: usize| rows[i].json(&format!("g{i}"), "c", T0 + i as i64 * 1000);
+    send(&p, &t.transactions, Some(b"c"), Some(valid(0).as_bytes())).await;
+    let mut scorer = Scorer::start(&t, &[]);
+    let mut verdicts = Reader::new(&t.verdicts);
+    assert!(
+        verdicts
+            .read_until(Duration::from_secs(60), |m| !m.is_empty())
+            .await,
+        "log:\n{}",
+        scorer.log_text()
+    );
+
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    for r in admin
+        .delete_topics(&[&t.dead_letter], &AdminOptions::new())
+        .await
+        .expect("delete topic")
+    {
+        r.expect("topic deleted");
+    }
+    send(&p, &t.transactions, Some(b"c"), Some(valid(1).as_bytes())).await;
+    send(&p, &t.transactions, Some(b"c"), Some(b"not json")).await;
+    send(&p, &t.transactions, Some(b"c"), Some(valid(2).as_bytes())).await;
+
+    let status = scorer.wait(Duration::from_secs(90));
+    assert!(!status.success(), "exited with {status}");
+    let log = scorer.log_text();
+    assert!(
+        log.contains(&format!("cannot produce to topic `{}`", t.dead_letter))
+            && log.contains("create it again"),
+        "the reason is not in the log:\n{log}"
+    );
+    verdicts.drain_for(Duration::from_secs(2)).await;
+    assert_eq!(
+        verdicts.messages.len(),
+        1,
+        "verdicts of the aborted transaction are visible"
+    );
+
+    create_topics(&[(&t.dead_letter, 1)]).await;
+    let mut scorer = Scorer::start(&t, &[]);
+    assert!(
+        verdicts
+            .read_until(Duration::from_secs(60), |m| m.len() >= 3)
+            .await,
+        "log:\n{}",
+        scorer.log_text()
+    );
+    let mut dlq = Reader::new(&t.dead_letter);
+    assert!(
+        dlq.read_until(Duration::from_secs(10), |m| !m.is_empty())
+            .await
+    );
+    verdicts.drain_for(Duration::from_secs(2)).await;
+    let by_id = verdicts_by_id(&verdicts.messages);
+    for i in 0..3 {
+        assert_eq!(by_id[&format!("g{i}")].len(), 1, "g{i} exactly once");
+    }
+    assert_eq!(dlq.messages.len(), 1);
+    scorer.stop();
 }

@@ -33,7 +33,19 @@ pub mod headers {
     pub const SOURCE_TOPIC: &str = "fraudstream.source.topic";
     pub const SOURCE_PARTITION: &str = "fraudstream.source.partition";
     pub const SOURCE_OFFSET: &str = "fraudstream.source.offset";
+    /// On a dead letter whose payload was cut to fit: the payload's original length.
+    pub const PAYLOAD_TRUNCATED: &str = "fraudstream.payload.truncated";
+    /// On a dead letter whose key was cut to fit: the key's original length.
+    pub const KEY_TRUNCATED: &str = "fraudstream.key.truncated";
+    /// On a dead letter whose original headers were dropped to fit: how many there were.
+    pub const HEADERS_DROPPED: &str = "fraudstream.headers.dropped";
 }
+
+/// Longest value of `output.trace-header` copied to a verdict (bytes).
+const TRACE_HEADER_MAX: usize = 512;
+
+/// Longest error message a dead letter's header carries (bytes).
+const ERROR_MESSAGE_MAX: usize = 1024;
 
 /// What a batch produced, for the commit to send.
 #[derive(Default)]
@@ -74,6 +86,8 @@ pub struct Processor {
     trace_header: String,
     /// `input.max-future-skew-ms` (as i64; 0: no limit).
     max_future_skew_ms: i64,
+    /// Most bytes of a dead letter (see [`dead_letter`]).
+    dead_letter_max_bytes: usize,
     rows: Vec<f32>,
     audit_rows: Vec<f32>,
     shadow_rows: Vec<f32>,
@@ -96,6 +110,7 @@ impl Processor {
         rules: RuleSet,
         hasher: Hasher,
         global: Arc<RwLock<GlobalTables>>,
+        dead_letter_max_bytes: usize,
     ) -> anyhow::Result<Processor> {
         let enabled = &settings.decision.enabled_merchants;
         let audit = if settings.output.audit_features {
@@ -117,6 +132,7 @@ impl Processor {
             trace_header: settings.output.trace_header.clone(),
             max_future_skew_ms: i64::try_from(settings.input.max_future_skew_ms)
                 .unwrap_or(i64::MAX),
+            dead_letter_max_bytes,
             rows: Vec::new(),
             audit_rows: Vec::new(),
             shadow_rows: Vec::new(),
@@ -195,7 +211,8 @@ impl Processor {
             let rec = &q.item;
             if let Some(e) = self.too_far_ahead(p, q.time, state, stream_time) {
                 dead[e.kind as usize] += 1;
-                out.dead_letters.push(dead_letter(&rec.msg, &e));
+                out.dead_letters
+                    .push(dead_letter(&rec.msg, &e, self.dead_letter_max_bytes));
                 continue;
             }
             match &rec.event {
@@ -208,7 +225,11 @@ impl Processor {
                     // Decoded for a model swapped out since, and not what this one reads.
                     Err(e) => {
                         dead[e.kind as usize] += 1;
-                        out.dead_letters.push(dead_letter(&rec.msg, &e));
+                        out.dead_letters.push(dead_letter(
+                            &rec.msg,
+                            &e,
+                            self.dead_letter_max_bytes,
+                        ));
                     }
                 },
                 Event::Nav(n) => {
@@ -217,7 +238,8 @@ impl Processor {
                 }
                 Event::Bad(e) => {
                     dead[e.kind as usize] += 1;
-                    out.dead_letters.push(dead_letter(&rec.msg, e));
+                    out.dead_letters
+                        .push(dead_letter(&rec.msg, e, self.dead_letter_max_bytes));
                 }
                 Event::Forward {
                     kind,
@@ -442,6 +464,8 @@ impl Processor {
             let trace = (!self.trace_header.is_empty())
                 .then(|| header_bytes(msg, &self.trace_header))
                 .flatten()
+                // A trace context is tens of bytes; a sender's megabyte is not copied.
+                .filter(|v| v.len() <= TRACE_HEADER_MAX)
                 .map(|v| {
                     OwnedHeaders::new_with_capacity(1).insert(Header {
                         key: self.trace_header.as_str(),
@@ -552,41 +576,195 @@ fn forward(m: &OwnedMessage, kind: &str, customer: &str, partition: i32) -> OutR
 
 /// The original key, bytes, timestamp and headers, unchanged, with headers of its own saying
 /// what was wrong and where the message came from (as Kafka Connect's dead-letter queue does).
-fn dead_letter(m: &OwnedMessage, e: &DecodeError) -> OutRecord {
+///
+/// A dead letter never exceeds `max_bytes` (key, value and headers, as the producer counts
+/// them), whatever the sender put in: the payload is cut first, then the original headers
+/// are dropped, then the key is cut, each with a header holding the original length or
+/// count. Its own headers (what was wrong, the source topic, partition and offset) always
+/// fit, so the original can be read again from its source.
+fn dead_letter(m: &OwnedMessage, e: &DecodeError, max_bytes: usize) -> OutRecord {
     use rdkafka::message::Headers;
     let partition = m.partition().to_string();
     let offset = m.offset().to_string();
-    let mut original = OwnedHeaders::new_with_capacity(m.headers().map_or(0, |h| h.count()) + 5);
-    for h in m.headers().into_iter().flat_map(|h| h.iter()) {
-        original = original.insert(h);
+    let ours = [
+        (headers::ERROR_KIND, e.kind.as_str()),
+        (
+            headers::ERROR_MESSAGE,
+            truncate_utf8(&e.message, ERROR_MESSAGE_MAX),
+        ),
+        (headers::SOURCE_TOPIC, m.topic()),
+        (headers::SOURCE_PARTITION, partition.as_str()),
+        (headers::SOURCE_OFFSET, offset.as_str()),
+    ];
+    let size = |k: &str, v: &[u8]| k.len() + v.len();
+    // Room for the sender's bytes once ours and three truncation headers (names and values of
+    // at most 20 digits) are counted.
+    let mut room = max_bytes.saturating_sub(
+        ours.iter()
+            .map(|(k, v)| size(k, v.as_bytes()))
+            .sum::<usize>()
+            + [
+                headers::PAYLOAD_TRUNCATED,
+                headers::HEADERS_DROPPED,
+                headers::KEY_TRUNCATED,
+            ]
+            .iter()
+            .map(|k| k.len() + 20)
+            .sum::<usize>(),
+    );
+    let mut notes: Vec<(&str, String)> = Vec::new();
+    let mut key = m.key().map(<[u8]>::to_vec);
+    if let Some(k) = key.as_mut().filter(|k| k.len() > room) {
+        notes.push((headers::KEY_TRUNCATED, k.len().to_string()));
+        k.truncate(room);
     }
-    let headers = original
-        .insert(Header {
-            key: headers::ERROR_KIND,
-            value: Some(e.kind.as_str()),
-        })
-        .insert(Header {
-            key: headers::ERROR_MESSAGE,
-            value: Some(e.message.as_str()),
-        })
-        .insert(Header {
-            key: headers::SOURCE_TOPIC,
-            value: Some(m.topic()),
-        })
-        .insert(Header {
-            key: headers::SOURCE_PARTITION,
-            value: Some(partition.as_str()),
-        })
-        .insert(Header {
-            key: headers::SOURCE_OFFSET,
-            value: Some(offset.as_str()),
+    room -= key.as_ref().map_or(0, Vec::len);
+    let original: Vec<_> = m.headers().into_iter().flat_map(|h| h.iter()).collect();
+    let original_bytes: usize = original
+        .iter()
+        .map(|h| size(h.key, h.value.unwrap_or_default()))
+        .sum();
+    let keep_headers = original_bytes <= room;
+    if keep_headers {
+        room -= original_bytes;
+    } else {
+        notes.push((headers::HEADERS_DROPPED, original.len().to_string()));
+    }
+    let mut payload = m.payload().map(<[u8]>::to_vec);
+    if let Some(p) = payload.as_mut().filter(|p| p.len() > room) {
+        notes.push((headers::PAYLOAD_TRUNCATED, p.len().to_string()));
+        p.truncate(room);
+    }
+    let mut out = OwnedHeaders::new_with_capacity(original.len() + ours.len() + notes.len());
+    if keep_headers {
+        for h in original {
+            out = out.insert(h);
+        }
+    }
+    for (key, value) in ours {
+        out = out.insert(Header {
+            key,
+            value: Some(value),
         });
+    }
+    for (key, value) in &notes {
+        out = out.insert(Header {
+            key,
+            value: Some(value.as_str()),
+        });
+    }
     OutRecord {
         topic: Topic::DeadLetter,
         partition: None,
-        key: m.key().map(<[u8]>::to_vec),
-        payload: m.payload().map(<[u8]>::to_vec),
-        headers: Some(headers),
+        key,
+        payload,
+        headers: Some(out),
         timestamp: m.timestamp().to_millis(),
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::Headers;
+    use rdkafka::Timestamp;
+
+    fn message(key: usize, payload: usize, header_values: &[usize]) -> OwnedMessage {
+        let mut h = OwnedHeaders::new();
+        for (i, n) in header_values.iter().enumerate() {
+            let name = format!("h{i}");
+            h = h.insert(Header {
+                key: &name,
+                value: Some(&vec![b'v'; *n]),
+            });
+        }
+        OwnedMessage::new(
+            Some(vec![b'p'; payload]),
+            Some(vec![b'k'; key]),
+            "transactions".into(),
+            Timestamp::CreateTime(1),
+            3,
+            42,
+            Some(h),
+        )
+    }
+
+    /// Key, value and headers, as the producer counts a record against its limit.
+    fn size(r: &OutRecord) -> usize {
+        let h = r.headers.as_ref().unwrap();
+        r.key.as_ref().map_or(0, Vec::len)
+            + r.payload.as_ref().map_or(0, Vec::len)
+            + h.iter()
+                .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+                .sum::<usize>()
+    }
+
+    fn header(r: &OutRecord, name: &str) -> Option<String> {
+        r.headers
+            .as_ref()?
+            .iter()
+            .find(|h| h.key == name)
+            .map(|h| String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
+    }
+
+    fn error() -> DecodeError {
+        DecodeError::new(ErrorKind::Oversized, "x".repeat(5000))
+    }
+
+    #[test]
+    fn a_dead_letter_that_fits_is_the_original_with_its_reason_and_source() {
+        let r = dead_letter(&message(8, 500, &[10, 20]), &error(), 4096);
+        assert_eq!(r.payload.as_deref(), Some(&[b'p'; 500][..]));
+        assert_eq!(r.key.as_deref(), Some(&[b'k'; 8][..]));
+        assert_eq!(header(&r, "h1").as_deref(), Some(&"v".repeat(20)[..]));
+        assert_eq!(header(&r, headers::SOURCE_OFFSET).as_deref(), Some("42"));
+        assert_eq!(header(&r, headers::SOURCE_PARTITION).as_deref(), Some("3"));
+        assert_eq!(
+            header(&r, headers::ERROR_MESSAGE).map(|m| m.len()),
+            Some(ERROR_MESSAGE_MAX)
+        );
+        assert_eq!(header(&r, headers::PAYLOAD_TRUNCATED), None);
+        assert_eq!(header(&r, headers::HEADERS_DROPPED), None);
+    }
+
+    #[test]
+    fn a_large_payload_is_cut_to_fit_and_says_so() {
+        let r = dead_letter(&message(8, 1_000_000, &[10]), &error(), 100_000);
+        assert!(size(&r) <= 100_000, "{} bytes", size(&r));
+        assert!(r.payload.as_ref().unwrap().len() > 90_000);
+        assert_eq!(
+            header(&r, headers::PAYLOAD_TRUNCATED).as_deref(),
+            Some("1000000")
+        );
+        assert_eq!(header(&r, "h0").as_deref(), Some(&"v".repeat(10)[..]));
+    }
+
+    #[test]
+    fn huge_headers_and_keys_are_dropped_or_cut_and_the_source_always_fits() {
+        for (key, headers_each) in [(10, 300_000), (2_000_000, 10), (2_000_000, 300_000)] {
+            let m = message(key, 50_000, &[headers_each, headers_each]);
+            let r = dead_letter(&m, &error(), 8192);
+            assert!(size(&r) <= 8192, "{} bytes", size(&r));
+            assert_eq!(header(&r, headers::SOURCE_OFFSET).as_deref(), Some("42"));
+            assert_eq!(
+                header(&r, headers::SOURCE_TOPIC).as_deref(),
+                Some("transactions")
+            );
+            if headers_each > 8192 {
+                assert_eq!(header(&r, headers::HEADERS_DROPPED).as_deref(), Some("2"));
+            }
+            if key > 8192 {
+                assert_eq!(header(&r, headers::KEY_TRUNCATED), Some(key.to_string()));
+            }
+        }
     }
 }

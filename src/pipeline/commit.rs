@@ -85,6 +85,11 @@ pub enum CommitError {
     /// instance must exit.
     #[error("the transactional producer failed for good: {0}")]
     Fatal(String),
+    /// A record can never be produced (too large, its topic gone or refused): retrying
+    /// would block the instance for good, and every instance that takes its partitions
+    /// after it. Fatal, with what to do: the transaction is aborted and the instance stops.
+    #[error("{0}")]
+    Permanent(String),
     /// The state store could not be written after a commit. Fatal: the instance exits, and
     /// its restart restores the committed state from the changelog.
     #[error(transparent)]
@@ -237,7 +242,7 @@ impl Committer {
                 }))
             }
             Err(e) => {
-                if matches!(e, CommitError::Aborted(_)) {
+                if matches!(e, CommitError::Aborted(_) | CommitError::Permanent(_)) {
                     self.abort();
                 }
                 Err(e)
@@ -270,6 +275,11 @@ impl Committer {
                 .flush(CALL_TIMEOUT)
                 .map_err(|e| CommitError::Aborted(format!("verdicts not acknowledged: {e}")))?;
             let d = direct.take_deliveries();
+            if let Some((topic, e)) = &d.permanent {
+                return Err(CommitError::Permanent(crate::sink::explain_permanent(
+                    topic, e,
+                )));
+            }
             if d.failed > 0 {
                 return Err(CommitError::Aborted(format!(
                     "{} verdicts or dead letters not delivered: {}",
@@ -379,6 +389,13 @@ impl Committer {
     }
 
     fn failed(&self, e: KafkaError) -> CommitError {
+        let permanent = self
+            .tx
+            .permanent_failure()
+            .or_else(|| self.direct.as_ref().and_then(Sink::permanent_failure));
+        if let Some(why) = permanent {
+            return CommitError::Permanent(why);
+        }
         let fatal = match &e {
             KafkaError::Transaction(t) => t.is_fatal(),
             _ => false,

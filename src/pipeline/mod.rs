@@ -71,6 +71,58 @@ const EXPIRY_LIMIT: usize = 10_000;
 /// made after each: it fences the old one and aborts its transaction).
 const MAX_PRODUCER_RESETS: u32 = 5;
 
+/// Bytes kept free under a size limit for a record's framing in its batch.
+const RECORD_OVERHEAD: usize = 512;
+
+/// Makes the size limits of what this instance produces consistent, at start: a record the
+/// producer or a topic refuses would stop the instance (and every instance after it), so
+/// none may be possible. Returns the limit for dead letters (see
+/// `output.dead-letter-max-bytes`).
+async fn output_limits(settings: &Settings) -> anyhow::Result<usize> {
+    let producer = settings.producer_max_message_bytes()?;
+    // A transaction forwarded to its customer's partition carries its message whole, and
+    // its customer id (from within the message) as key.
+    let input = settings.input.max_message_bytes;
+    anyhow::ensure!(
+        2 * input + RECORD_OVERHEAD <= producer,
+        "`input.max-message-bytes` = {input} is too large for the producer's `message.max.bytes` = {producer}: a message forwarded to its customer's partition is produced whole, with its customer id as key. Lower it to at most {} or raise `message.max.bytes` in [kafka-producer] (and the topics' max.message.bytes)",
+        (producer - RECORD_OVERHEAD) / 2
+    );
+    let topic = &settings.topics.dead_letter;
+    let configured = settings.output.dead_letter_max_bytes;
+    let mut limit = configured.min(producer.saturating_sub(RECORD_OVERHEAD));
+    let topic_max = source::topic_max_message_bytes(settings, topic).await;
+    if let Some(t) = topic_max {
+        limit = limit.min(t.saturating_sub(RECORD_OVERHEAD));
+        if t < producer {
+            tracing::warn!(topic, topic_max_message_bytes = t, producer_max_message_bytes = producer, "The dead-letter topic accepts smaller batches than the producer builds: several dead letters batched together may be refused, which stops the instance. Raise the topic's max.message.bytes to at least the producer's message.max.bytes.");
+        }
+    }
+    anyhow::ensure!(
+        limit >= crate::config::MIN_DEAD_LETTER_BYTES,
+        "dead letters would have to fit in {limit} bytes (output.dead-letter-max-bytes {configured}, producer message.max.bytes {producer}, topic `{topic}` max.message.bytes {topic_max:?}): too little for the headers that say where they came from. Raise the topic's max.message.bytes"
+    );
+    if limit < configured {
+        tracing::info!(limit, configured, producer_max_message_bytes = producer, topic_max_message_bytes = ?topic_max, "Dead letters limited below output.dead-letter-max-bytes by the producer or the topic.");
+    }
+    Ok(limit)
+}
+
+/// The wait after the n-th abort in a row: none after the first (a rebalance or a fenced
+/// zombie is over at once), then 100 ms doubling to 5 s, each drawn at random from its upper
+/// half so that instances failing together do not retry together.
+fn abort_backoff(aborts: u32) -> Duration {
+    if aborts <= 1 {
+        return Duration::ZERO;
+    }
+    let cap = (100u64 << (aborts - 2).min(6)).min(5_000);
+    // Jitter from the clock's nanoseconds: no generator needed for a spread of retries.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
+    Duration::from_millis(cap / 2 + nanos % (cap / 2 + 1))
+}
+
 /// Runs fraudstream until `shutdown` is cancelled. Errors are fatal: the caller exits
 /// non-zero, and nothing uncommitted became visible.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -229,6 +281,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     )
     .await?;
 
+    let dead_letter_max_bytes = output_limits(&settings).await?;
+
     let global = GlobalReader::start(&settings, hasher.clone(), shutdown.clone())?;
     global.wait_loaded(&shutdown).await?;
     readiness.set_global_loaded(true);
@@ -252,6 +306,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         rules,
         hasher,
         global.tables.clone(),
+        dead_letter_max_bytes,
     )?;
 
     let topics = &settings.topics;
@@ -277,6 +332,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         transactional_id,
         settings: settings.clone(),
         producer_resets: 0,
+        aborts: 0,
         restorer: Restorer::new(&settings)?,
         readiness: readiness.clone(),
         assigned: BTreeSet::new(),
@@ -410,6 +466,9 @@ pub struct Core {
     settings: Settings,
     /// Producers made anew after fatal errors, in a row.
     producer_resets: u32,
+    /// Transactions aborted in a row (reset by a commit): the wait before the next attempt
+    /// grows with it.
+    aborts: u32,
     restorer: Restorer,
     readiness: Readiness,
     assigned: BTreeSet<i32>,
@@ -578,6 +637,7 @@ impl Core {
         {
             Ok(Some(done)) => {
                 self.producer_resets = 0;
+                self.aborts = 0;
                 for ((topic, p), next) in done.offsets {
                     if let Some(i) = self.input_of(&topic) {
                         self.committed.insert((i, p), next);
@@ -600,8 +660,15 @@ impl Core {
     ) -> anyhow::Result<()> {
         match e {
             CommitError::Aborted(why) => {
-                tracing::warn!(reason = %why, "Transaction aborted; processing again from the last commit.");
+                self.aborts += 1;
+                let wait = abort_backoff(self.aborts);
+                tracing::warn!(reason = %why, aborts_in_row = self.aborts, wait_ms = wait.as_millis() as u64, "Transaction aborted; processing again from the last commit.");
                 self.committer.abort();
+                std::thread::sleep(wait);
+            }
+            CommitError::Permanent(why) => {
+                self.committer.abort();
+                anyhow::bail!(why);
             }
             CommitError::Fatal(why) => {
                 self.producer_resets += 1;
@@ -798,6 +865,26 @@ impl Progress for ConsumerProgress<'_> {
                 next >= high
             }
             Err(_) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn abort_backoff_grows_to_five_seconds_within_its_upper_half() {
+        assert_eq!(abort_backoff(1), Duration::ZERO);
+        for (aborts, cap) in [(2, 100), (3, 200), (4, 400), (8, 5_000), (40, 5_000)] {
+            for _ in 0..50 {
+                let ms = abort_backoff(aborts).as_millis() as u64;
+                assert!(
+                    (cap / 2..=cap).contains(&ms),
+                    "abort {aborts}: {ms} ms outside [{}, {cap}]",
+                    cap / 2
+                );
+            }
         }
     }
 }

@@ -52,6 +52,48 @@ pub struct Deliveries {
     pub changelog: BTreeMap<i32, i64>,
     pub failed: u64,
     pub first_error: Option<KafkaError>,
+    /// A failure that no retry can mend (see [`is_permanent`]): the topic and the error.
+    pub permanent: Option<(String, KafkaError)>,
+}
+
+/// Whether a produce error will recur however often the record is sent again: the record is
+/// too large for the producer or the topic, or the topic is gone or refused to this client.
+/// Everything else (timeouts, leader changes, a broker away) is worth retrying.
+pub fn is_permanent(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::MessageBatchTooLarge
+                | C::InvalidRecord
+                | C::UnknownTopic
+                | C::UnknownPartition
+                | C::UnknownTopicOrPartition
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::InvalidTopic
+        )
+    )
+}
+
+/// What an operator must do about a permanent produce failure on `topic`.
+pub fn explain_permanent(topic: &str, e: &KafkaError) -> String {
+    use RDKafkaErrorCode as C;
+    let what = match e.rdkafka_error_code() {
+        Some(
+            C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::MessageBatchTooLarge
+            | C::InvalidRecord,
+        ) => "a record is larger than the producer's `message.max.bytes` or the topic's `max.message.bytes` accept: raise the topic's limit, or lower `output.dead-letter-max-bytes` / `input.max-message-bytes`",
+        Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed) => {
+            "this instance may not write to the topic: grant it WRITE (and the transactional id's WRITE)"
+        }
+        _ => "the topic does not exist (deleted?): create it again (`scripts/broker topics`)",
+    };
+    format!("cannot produce to topic `{topic}` ({e}); {what}. Stopping: retrying cannot succeed, and the records not written are not committed, so nothing is lost")
 }
 
 pub struct SinkContext {
@@ -74,9 +116,13 @@ impl ProducerContext for SinkContext {
                 *e = (*e).max(m.offset());
             }
             Ok(_) => {}
-            Err((e, _)) => {
+            Err((e, m)) => {
                 d.failed += 1;
                 d.first_error.get_or_insert_with(|| e.clone());
+                if is_permanent(e) {
+                    d.permanent
+                        .get_or_insert_with(|| (m.topic().to_string(), e.clone()));
+                }
             }
         }
     }
@@ -101,6 +147,9 @@ pub fn client_config(settings: &Settings) -> anyhow::Result<ClientConfig> {
         // Keyed records land where the Java client (and kafka-producer-perf-test) would put
         // the same key: murmur2, not librdkafka's default CRC32.
         .set("partitioner", "murmur2_random")
+        // A deleted output topic is an error to report, never one to re-create silently
+        // with the broker's defaults (and no compaction for the changelog).
+        .set("allow.auto.create.topics", "false")
         // Kafka Streams' default under exactly-once: a transaction left open by a crashed
         // instance holds back read_committed readers for at most this long.
         .set("transaction.timeout.ms", "10000");
@@ -189,9 +238,26 @@ impl Sink {
                     record = back;
                     self.producer.poll(Duration::from_millis(1));
                 }
-                Err((e, _)) => return Err(e),
+                Err((e, _)) => {
+                    if is_permanent(&e) {
+                        if let Ok(mut d) = self.deliveries.lock() {
+                            d.permanent.get_or_insert_with(|| {
+                                (self.topic(r.topic).to_string(), e.clone())
+                            });
+                        }
+                    }
+                    return Err(e);
+                }
             }
         }
+    }
+
+    /// A permanent failure seen since deliveries were last taken, explained.
+    pub fn permanent_failure(&self) -> Option<String> {
+        let d = self.deliveries.lock().ok()?;
+        d.permanent
+            .as_ref()
+            .map(|(topic, e)| explain_permanent(topic, e))
     }
 
     /// Waits until everything sent is acknowledged (or failed), serving delivery reports in

@@ -10,7 +10,7 @@ pub mod partitioner;
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -159,6 +159,43 @@ pub async fn wait_for_metadata(
     }
 }
 
+fn admin_client(settings: &Settings) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &settings.brokers);
+    for (k, v) in &settings.kafka {
+        config.set(k, v.resolve(k)?);
+    }
+    config
+        .create()
+        .map_err(|e| anyhow::anyhow!("cannot create the admin client: {e}"))
+}
+
+/// A topic's `max.message.bytes` (the largest record batch its partitions accept), or
+/// `None` when the broker does not say (no right to describe it: the limit is then found
+/// at the first record too large, which stops the instance with the reason).
+pub async fn topic_max_message_bytes(settings: &Settings, topic: &str) -> Option<usize> {
+    let admin = admin_client(settings).ok()?;
+    let results = admin
+        .describe_configs(
+            &[ResourceSpecifier::Topic(topic)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await;
+    let resource = match results.map(|mut r| r.pop()) {
+        Ok(Some(Ok(resource))) => resource,
+        other => {
+            tracing::warn!(topic, result = ?other.map(|r| r.map(|r| r.map(|_| ()))), "Cannot read the topic's max.message.bytes.");
+            return None;
+        }
+    };
+    resource
+        .get("max.message.bytes")?
+        .value
+        .as_ref()?
+        .parse()
+        .ok()
+}
+
 /// Creates the internal topics (name, compacted) with `partitions` each. One that was
 /// created meanwhile (another instance starting) is fine.
 pub async fn create_internal_topics(
@@ -169,14 +206,7 @@ pub async fn create_internal_topics(
     if topics.is_empty() {
         return Ok(());
     }
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &settings.brokers);
-    for (k, v) in &settings.kafka {
-        config.set(k, v.resolve(k)?);
-    }
-    let admin: AdminClient<DefaultClientContext> = config
-        .create()
-        .map_err(|e| anyhow::anyhow!("cannot create the admin client: {e}"))?;
+    let admin = admin_client(settings)?;
     let new: Vec<NewTopic> = topics
         .iter()
         .map(|(name, compacted)| {
