@@ -340,6 +340,10 @@ pub struct BatchSettings {
     /// for another input of its partition that has nothing buffered and is not known to be
     /// caught up (Kafka Streams' `max.task.idle.ms`).
     pub max_task_idle_ms: u64,
+    /// Bytes of input the merge may hold over all its partitions (messages and what was
+    /// decoded from them): an input partition is paused once it holds its share (this over
+    /// the assigned input partitions, at least 1 MiB), or 50,000 records.
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for BatchSettings {
@@ -348,6 +352,7 @@ impl Default for BatchSettings {
             max_records: 1000,
             max_wait_ms: 5,
             max_task_idle_ms: 50,
+            max_buffered_bytes: 256 * 1024 * 1024,
         }
     }
 }

@@ -263,15 +263,6 @@ async fn the_changelog_is_bounded_by_live_entities() {
     scorer.stop();
 }
 
-fn vm_hwm_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A changelog partition of some 200 MB (written here directly, as a previous owner would
 /// have) is restored by an instance whose `max.poll.interval.ms` is 6 s: it stays in the
 /// group throughout, its memory grows by far less than the partition, and the restored

@@ -285,3 +285,89 @@ async fn a_dead_letter_topic_that_is_gone_stops_the_scorer_with_the_reason() {
     assert_eq!(dlq.messages.len(), 1);
     scorer.stop();
 }
+
+/// 5,000 navigation events of 20 kB each (padding any sender may add: 100 MB) behind a
+/// backlog of 20,000 earlier transactions: they pile up in the event-time merge while the
+/// transactions go first. With `batch.max-buffered-bytes` = 4 MiB the merge holds at most
+/// the partition's share (4 MiB over 3 inputs) plus one pull of 200 records (each counted
+/// as twice its 20 kB), as `fraudstream_merge_buffered_bytes` shows (sampled every 200 ms);
+/// with a bound of 1 GiB it holds tens of MB. Every transaction is scored either way.
+#[tokio::test(flavor = "multi_thread")]
+async fn buffered_input_is_bounded_in_bytes() {
+    let rows = sample();
+    let txs: Vec<(String, Vec<u8>)> = (0..20_000)
+        .map(|i| {
+            let c = format!("c{}", i % 100);
+            let v = rows[i % 40].json(&format!("b{i}"), &c, T0 + i as i64 * 1000);
+            (c, v.into_bytes())
+        })
+        .collect();
+    let padding = "x".repeat(20_000);
+    let navs: Vec<(String, Vec<u8>)> = (0..5_000)
+        .map(|i| {
+            let c = format!("c{}", i % 100);
+            let n = nav(
+                &format!("n{i}"),
+                &c,
+                &format!("s{c}"),
+                "page_view",
+                T0 + 30_000_000 + i as i64,
+                "d",
+            );
+            let padded = n.replace("}", &format!(",\"note\":\"{padding}\"}}"));
+            (c, padded.into_bytes())
+        })
+        .collect();
+    let mut peaks = Vec::new();
+    for (name, bound) in [("bounded", "4194304"), ("unbounded", "1073741824")] {
+        let t = topics(&format!("hostile-bytes-{name}"), 1).await;
+        let p = producer();
+        send_all(&p, &t.transactions, &txs).await;
+        send_all(&p, &t.navigation, &navs).await;
+        let mut scorer = Scorer::start(
+            &t,
+            &[
+                ("FRAUDSTREAM__BATCH__MAX_BUFFERED_BYTES", bound),
+                ("FRAUDSTREAM__BATCH__MAX_RECORDS", "200"),
+            ],
+        );
+        let mut verdicts = Reader::new(&t.verdicts);
+        let mut peak_gauge = 0f64;
+        let deadline = std::time::Instant::now() + Duration::from_secs(180);
+        while verdicts.messages.len() < txs.len() && std::time::Instant::now() < deadline {
+            verdicts
+                .read_until(Duration::from_millis(200), |_| false)
+                .await;
+            let (_, metrics) = scorer.http_get("/metrics").await;
+            if let Some(v) = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("fraudstream_merge_buffered_bytes "))
+            {
+                peak_gauge = peak_gauge.max(v.trim().parse().unwrap_or(0.0));
+            }
+        }
+        assert_eq!(
+            verdicts.messages.len(),
+            txs.len(),
+            "{name}: not every transaction scored; log:\n{}",
+            scorer.log_text()
+        );
+        let peak_kb = vm_hwm_kb(scorer.id());
+        eprintln!(
+            "{name}: peak RSS {} MB, merge held up to {:.1} MB",
+            peak_kb / 1024,
+            peak_gauge / 1e6
+        );
+        peaks.push(peak_gauge);
+        scorer.stop();
+    }
+    let (bounded, unbounded) = (peaks[0], peaks[1]);
+    assert!(
+        bounded < 1.4e6 + 200.0 * 40e3 + 1e6,
+        "the merge held {bounded} bytes under a 4-MiB bound"
+    );
+    assert!(
+        unbounded > 15e6,
+        "without a bound the merge should hold tens of MB ({unbounded})"
+    );
+}

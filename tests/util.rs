@@ -852,3 +852,13 @@ pub fn model() -> fraudstream::model::Model {
     let env = fraudstream::model::init_runtime(Some(Path::new(&lib))).expect("ONNX Runtime");
     fraudstream::model::Model::load(env, &manifest_path()).expect("model")
 }
+
+/// A process's peak resident memory (VmHWM), in KiB.
+pub fn vm_hwm_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}

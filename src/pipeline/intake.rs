@@ -96,11 +96,30 @@ pub fn accept(
         Event::Nav(n) => n.event_time_ms,
         Event::Bad(_) | Event::Forward { .. } => i64::MIN,
     };
+    let bytes = held_bytes(&msg);
     Queued {
         input,
         partition: p,
         time,
         arrived: now,
+        bytes,
         item: Record { msg, event },
     }
+}
+
+/// Memory a buffered record holds: its message (key, value, headers), what was decoded from
+/// it (at most as much again: its fields are the value's), and the record itself.
+fn held_bytes(msg: &OwnedMessage) -> usize {
+    use rdkafka::message::Headers;
+    let value = msg.payload().map_or(0, <[u8]>::len);
+    let headers = msg.headers().map_or(0, |h| {
+        h.iter()
+            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+            .sum()
+    });
+    msg.key().map_or(0, <[u8]>::len)
+        + 2 * value
+        + headers
+        + std::mem::size_of::<Record>()
+        + std::mem::size_of::<Transaction>()
 }

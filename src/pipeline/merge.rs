@@ -35,12 +35,16 @@ pub struct Queued<T> {
     /// Event time; `i64::MIN` for a record that touches no state.
     pub time: i64,
     pub arrived: Instant,
+    /// Memory it holds, as the caller counts it (for the merge's byte bounds).
+    pub bytes: usize,
     pub item: T,
 }
 
 #[derive(Debug)]
 struct Task<T> {
     queues: [VecDeque<Queued<T>>; INPUTS],
+    /// Bytes of each queue.
+    bytes: [usize; INPUTS],
     /// Since when the task has been waiting for an input that is not caught up.
     blocked_since: Option<Instant>,
     /// The wait ran out in this episode (reported once).
@@ -51,6 +55,7 @@ impl<T> Default for Task<T> {
     fn default() -> Self {
         Task {
             queues: Default::default(),
+            bytes: [0; INPUTS],
             blocked_since: None,
             gave_up: false,
         }
@@ -74,6 +79,7 @@ pub struct Merge<T> {
     present: [bool; INPUTS],
     max_idle: Duration,
     buffered: usize,
+    buffered_bytes: usize,
     /// Where the next selection starts, so that under backlog every partition is served in
     /// turn, not the lowest-numbered first.
     next_start: i32,
@@ -86,14 +92,17 @@ impl<T> Merge<T> {
             present,
             max_idle,
             buffered: 0,
+            buffered_bytes: 0,
             next_start: 0,
         }
     }
 
     pub fn push(&mut self, q: Queued<T>) {
         let task = self.tasks.entry(q.partition).or_default();
-        task.queues[q.input].push_back(q);
+        task.bytes[q.input] += q.bytes;
         self.buffered += 1;
+        self.buffered_bytes += q.bytes;
+        task.queues[q.input].push_back(q);
     }
 
     /// Records buffered, over all partitions.
@@ -101,23 +110,30 @@ impl<T> Merge<T> {
         self.buffered
     }
 
-    /// Records buffered for `input` of `partition`.
-    pub fn queued(&self, input: usize, partition: i32) -> usize {
+    /// Bytes buffered, over all partitions.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffered_bytes
+    }
+
+    /// Records and bytes buffered for `input` of `partition`.
+    pub fn queued(&self, input: usize, partition: i32) -> (usize, usize) {
         self.tasks
             .get(&partition)
-            .map_or(0, |t| t.queues[input].len())
+            .map_or((0, 0), |t| (t.queues[input].len(), t.bytes[input]))
     }
 
     /// Forgets what is buffered for `partition` (revoked, or rewound).
     pub fn drop_partition(&mut self, partition: i32) {
         if let Some(task) = self.tasks.remove(&partition) {
             self.buffered -= task.queues.iter().map(VecDeque::len).sum::<usize>();
+            self.buffered_bytes -= task.bytes.iter().sum::<usize>();
         }
     }
 
     pub fn clear(&mut self) {
         self.tasks.clear();
         self.buffered = 0;
+        self.buffered_bytes = 0;
     }
 
     /// Moves up to `max` records that may be processed now into `out`, each partition's in
@@ -208,7 +224,9 @@ impl<T> Merge<T> {
             if i == TX {
                 seen.tx_waits.push(now.duration_since(rec.arrived));
             }
+            task.bytes[i] -= rec.bytes;
             self.buffered -= 1;
+            self.buffered_bytes -= rec.bytes;
             out.push(rec);
             taken += 1;
         }
@@ -240,6 +258,7 @@ mod tests {
             partition,
             time,
             arrived: at,
+            bytes: 100,
             item: (input, time),
         }
     }
@@ -264,6 +283,7 @@ mod tests {
             vec![(NAV, 5), (TX, 10), (REPARTITION, 20), (NAV, 30), (TX, 30)]
         );
         assert_eq!(m.buffered(), 0);
+        assert_eq!(m.buffered_bytes(), 0);
     }
 
     #[test]
@@ -325,8 +345,10 @@ mod tests {
             per[r.partition as usize] += 1;
         }
         assert_eq!(per, [10, 10, 10, 10], "an equal share each");
+        assert_eq!(m.queued(TX, 1), (90, 9_000));
         m.drop_partition(2);
         assert_eq!(m.buffered(), 400 - 40 - 90);
+        assert_eq!(m.buffered_bytes(), (400 - 40 - 90) * 100);
     }
 
     proptest! {

@@ -57,6 +57,9 @@ use crate::telemetry::{self, Readiness};
 /// Records of one input partition the merge may hold before its fetching is paused.
 const PAUSE_AT: usize = 50_000;
 
+/// The smallest share of `batch.max-buffered-bytes` an input partition may hold.
+const MIN_PARTITION_BYTES: usize = 1 << 20;
+
 /// How long a partition's end offset asked of the broker is trusted.
 const WATERMARK_TTL: Duration = Duration::from_millis(20);
 
@@ -797,25 +800,36 @@ impl Core {
     }
 
     /// Pauses fetching an input partition whose records pile up in the merge (the other
-    /// input of its task is behind), and resumes it once they drain: bounded memory, and
-    /// the consumer's queue keeps room for the input being waited for.
+    /// input of its task is behind, or the pipeline is), and resumes it once they drain to
+    /// half: memory bounded in records and in bytes (`batch.max-buffered-bytes`, shared by
+    /// the assigned input partitions), and the consumer's queue keeps room for the input
+    /// being waited for.
     fn flow_control(&mut self, consumer: &GroupConsumer) {
+        let inputs = self.inputs.iter().flatten().count();
+        let byte_share = (self.settings.batch.max_buffered_bytes
+            / (self.assigned.len() * inputs).max(1))
+        .max(MIN_PARTITION_BYTES);
+        metrics::gauge!(telemetry::MERGE_BUFFERED_BYTES).set(self.merge.buffered_bytes() as f64);
         for &p in &self.assigned {
             if self.restorer.is_restoring(p) {
                 continue;
             }
             for (i, topic) in self.inputs.iter().enumerate() {
                 let Some(topic) = topic else { continue };
-                let n = self.merge.queued(i, p);
+                let (n, bytes) = self.merge.queued(i, p);
                 let key = (i, p);
                 let paused = self.flow_paused.contains(&key);
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition(topic, p);
-                if !paused && n >= PAUSE_AT {
+                if !paused && (n >= PAUSE_AT || bytes >= byte_share) {
                     if consumer.pause(&tpl).is_ok() {
                         self.flow_paused.insert(key);
                     }
-                } else if paused && n < PAUSE_AT / 2 && consumer.resume(&tpl).is_ok() {
+                } else if paused
+                    && n < PAUSE_AT / 2
+                    && bytes < byte_share / 2
+                    && consumer.resume(&tpl).is_ok()
+                {
                     self.flow_paused.remove(&key);
                 }
             }

@@ -76,6 +76,8 @@ pub const GLOBAL_ENTRIES: &str = "fraudstream_global_table_entries";
 /// Histogram: how long a transaction waited in the merge buffer for the other inputs of its
 /// partition (timestamp-ordered processing).
 pub const MERGE_WAIT: &str = "fraudstream_merge_wait_seconds";
+/// Gauge: bytes of input held by the event-time merge (bounded by `batch.max-buffered-bytes`).
+pub const MERGE_BUFFERED_BYTES: &str = "fraudstream_merge_buffered_bytes";
 /// Counter: records forwarded to the repartition topic (not on murmur2(customer)'s partition).
 pub const REPARTITIONED: &str = "fraudstream_repartitioned_total";
 
@@ -157,6 +159,11 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_histogram!(
         MERGE_WAIT,
         "Time a transaction waited for the other inputs of its partition (timestamp order)."
+    );
+    metrics::describe_gauge!(
+        MERGE_BUFFERED_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes of input held by the event-time merge, waiting for their turn."
     );
     metrics::describe_counter!(
         REPARTITIONED,
