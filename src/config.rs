@@ -429,7 +429,13 @@ pub struct StateSettings {
     /// Allows the built-in development key when `hmac-secret` is unset (a warning at start).
     /// For a laptop, never for real data.
     pub development_secret: bool,
+    /// Most entities each global table (labels, blocklist) holds in memory; a record for a
+    /// new entity beyond it is refused, counted and logged.
+    pub max_global_entries: usize,
 }
+
+/// The default `state.max-global-entries`.
+pub const DEFAULT_MAX_GLOBAL_ENTRIES: usize = 2_000_000;
 
 impl Default for StateSettings {
     fn default() -> Self {
@@ -437,6 +443,7 @@ impl Default for StateSettings {
             path: PathBuf::from("fraudstream-state"),
             hmac_secret: None,
             development_secret: false,
+            max_global_entries: DEFAULT_MAX_GLOBAL_ENTRIES,
         }
     }
 }

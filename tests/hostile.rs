@@ -371,3 +371,64 @@ async fn buffered_input_is_bounded_in_bytes() {
         "without a bound the merge should hold tens of MB ({unbounded})"
     );
 }
+
+/// Labels for 5 e-mails and blocklist entries for 5 IPs with `state.max-global-entries` = 3:
+/// each table holds 3 entities, the other records are refused, counted and logged, a flood
+/// of 2,000 more labels for a known e-mail adds no entity (its times are capped at 1,000:
+/// `state::global` unit tests), and transactions are scored meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn global_tables_are_bounded() {
+    let rows = sample();
+    let t = topics("hostile-global", 1).await;
+    let p = producer();
+    let mut labels: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| {
+            let v =
+                format!(r#"{{"label_time":{T0},"kind":"fraud","email":"victim{i}@example.com"}}"#);
+            (format!("l{i}"), v.into_bytes())
+        })
+        .collect();
+    labels.extend((0..2000).map(|i| {
+        let v = format!(
+            r#"{{"label_time":{},"kind":"fraud","email":"victim0@example.com"}}"#,
+            T0 + i
+        );
+        (format!("f{i}"), v.into_bytes())
+    }));
+    send_all(&p, &t.labels, &labels).await;
+    let blocks: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| {
+            let v = format!(r#"{{"added_at":{T0},"reason":"proxy"}}"#);
+            (format!("ip:203.0.113.{i}"), v.into_bytes())
+        })
+        .collect();
+    send_all(&p, &t.blocklist, &blocks).await;
+    let txs: Vec<(String, Vec<u8>)> = (0..50)
+        .map(|i| {
+            let v = rows[i].json(&format!("t{i}"), "c", T0 + 60_000 + i as i64);
+            ("c".to_string(), v.into_bytes())
+        })
+        .collect();
+    send_all(&p, &t.transactions, &txs).await;
+
+    let mut scorer = Scorer::start(&t, &[("FRAUDSTREAM__STATE__MAX_GLOBAL_ENTRIES", "3")]);
+    let mut verdicts = Reader::new(&t.verdicts);
+    assert!(
+        verdicts
+            .read_until(Duration::from_secs(60), |m| m.len() >= 50)
+            .await,
+        "log:\n{}",
+        scorer.log_text()
+    );
+    let (_, metrics) = scorer.http_get("/metrics").await;
+    for line in [
+        "fraudstream_global_table_entries{table=\"labels\"} 3",
+        "fraudstream_global_table_entries{table=\"blocklist\"} 3",
+        "fraudstream_global_table_refused_total{table=\"labels\"} 2",
+        "fraudstream_global_table_refused_total{table=\"blocklist\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line} not in:\n{metrics}");
+    }
+    assert!(scorer.log_text().contains("Global table full"));
+    scorer.stop();
+}

@@ -172,6 +172,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     .set(1.0);
     for table in ["labels", "blocklist"] {
         metrics::gauge!(telemetry::GLOBAL_ENTRIES, "table" => table).set(0.0);
+        metrics::counter!(telemetry::GLOBAL_REFUSED, "table" => table).increment(0);
     }
     let admin = match &settings.metrics.admin_token {
         Some(t) => {

@@ -20,7 +20,7 @@ use crate::config::{InputFormat, Settings};
 use crate::decode::{decode_block_entry, decode_label};
 use crate::state::global::GlobalTables;
 use crate::state::Hasher;
-use crate::telemetry::{DEAD_LETTERS, GLOBAL_ENTRIES};
+use crate::telemetry::{DEAD_LETTERS, GLOBAL_ENTRIES, GLOBAL_REFUSED};
 
 pub struct GlobalReader {
     pub tables: Arc<RwLock<GlobalTables>>,
@@ -35,7 +35,9 @@ impl GlobalReader {
         hasher: Hasher,
         shutdown: CancellationToken,
     ) -> anyhow::Result<GlobalReader> {
-        let tables = Arc::new(RwLock::new(GlobalTables::default()));
+        let tables = Arc::new(RwLock::new(GlobalTables::with_limit(
+            settings.state.max_global_entries,
+        )));
         let loaded = Arc::new(AtomicBool::new(false));
         let labels = settings.topics.labels.clone();
         let blocklist = settings.topics.blocklist.clone();
@@ -88,6 +90,7 @@ impl GlobalReader {
                     labels,
                     format,
                     max_bytes,
+                    refused: 0,
                 };
                 ctx.run(&consumer, &shutdown);
             })?;
@@ -132,6 +135,8 @@ struct Reading {
     labels: String,
     format: InputFormat,
     max_bytes: usize,
+    /// Records refused by a full table so far.
+    refused: u64,
 }
 
 impl Reading {
@@ -186,29 +191,38 @@ impl Reading {
     }
 
     fn apply(&mut self, topic: &str, key: Option<&[u8]>, payload: Option<&[u8]>, offset: i64) {
+        use crate::decode::{DecodeError, ErrorKind};
+        use crate::state::global::GlobalError;
         let Ok(mut tables) = self.tables.write() else {
             return;
         };
+        let mut full = None;
         let result = if topic == self.labels {
             decode_label(self.format, payload, self.max_bytes).map(|l| {
-                tables.apply_label(&self.hasher, &l);
+                full = tables.apply_label(&self.hasher, &l).err();
             })
         } else {
-            match payload {
-                None => Ok(key.map(|k| tables.apply_block(&self.hasher, k, None))),
-                Some(bytes) => decode_block_entry(self.format, bytes, self.max_bytes)
-                    .map(|e| key.map(|k| tables.apply_block(&self.hasher, k, Some(&e)))),
-            }
-            .and_then(|r| match r {
-                None => Err(crate::decode::DecodeError::new(
-                    crate::decode::ErrorKind::MissingField,
-                    "a blocklist record needs a key (`email:…`, `card:…`, …)",
-                )),
-                Some(Err(e)) => Err(crate::decode::DecodeError::new(
-                    crate::decode::ErrorKind::InvalidValue,
-                    e.to_string(),
-                )),
-                Some(Ok(())) => Ok(()),
+            let entry = match payload {
+                None => Ok(None),
+                Some(bytes) => decode_block_entry(self.format, bytes, self.max_bytes).map(Some),
+            };
+            entry.and_then(|entry| {
+                let key = key.ok_or_else(|| {
+                    DecodeError::new(
+                        ErrorKind::MissingField,
+                        "a blocklist record needs a key (`email:…`, `card:…`, …)",
+                    )
+                })?;
+                match tables.apply_block(&self.hasher, key, entry.as_ref()) {
+                    Ok(()) => Ok(()),
+                    Err(GlobalError::Full(f)) => {
+                        full = Some(f);
+                        Ok(())
+                    }
+                    Err(GlobalError::BadKey(e)) => {
+                        Err(DecodeError::new(ErrorKind::InvalidValue, e.to_string()))
+                    }
+                }
             })
         };
         let (labels, blocked) = tables.sizes();
@@ -218,6 +232,15 @@ impl Reading {
         if let Err(e) = result {
             tracing::warn!(topic, offset, kind = e.kind.as_str(), error = %e.message, "Global-table record skipped.");
             metrics::counter!(DEAD_LETTERS, "kind" => e.kind.as_str()).increment(1);
+        }
+        if let Some(f) = full {
+            self.refused += 1;
+            metrics::counter!(GLOBAL_REFUSED, "table" => f.0).increment(1);
+            // The first refusal, then one in 10,000: a full table is one problem, not a
+            // line per record.
+            if self.refused % 10_000 == 1 {
+                tracing::warn!(topic, offset, refused = self.refused, error = %f, "Global table full: raise state.max-global-entries, or compact or expire the topic.");
+            }
         }
     }
 }

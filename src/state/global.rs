@@ -102,13 +102,32 @@ pub fn mask(entity: Entity, id: &str) -> String {
 /// The keyed hash of each entity of a transaction, by [`Entity::index`].
 pub type EntityHashes = [Option<u64>; 6];
 
-#[derive(Default)]
+/// Label times kept per entity: the earliest this many (a `fraud_labels_*` feature saturates
+/// there; no model tells 1,000 frauds from 1,001).
+pub const MAX_LABELS_PER_ENTITY: usize = 1000;
+
+/// Longest blocklist reason kept (bytes); a longer one is cut.
+pub const MAX_REASON_BYTES: usize = 256;
+
+/// An entity a full table refused (`state.max-global-entries`).
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("the {0} table is full ({1} entities, state.max-global-entries): a new entity is refused")]
+pub struct TableFull(pub &'static str, pub usize);
+
 pub struct GlobalTables {
-    /// Label times per entity, unsorted.
+    /// Label times per entity, sorted, at most [`MAX_LABELS_PER_ENTITY`].
     labels: HashMap<(Entity, u64), Vec<i64>>,
     /// Expiry (event time, exclusive; `i64::MAX` when it does not expire) and reason per
     /// blocked entity.
     blocklist: HashMap<(Entity, u64), (i64, String)>,
+    /// Most entities per table.
+    max_entries: usize,
+}
+
+impl Default for GlobalTables {
+    fn default() -> Self {
+        GlobalTables::with_limit(crate::config::DEFAULT_MAX_GLOBAL_ENTRIES)
+    }
 }
 
 /// An identifier as hashed: e-mails and domains compare case-insensitively.
@@ -133,6 +152,15 @@ pub fn email_domain(email: &str) -> Option<&str> {
 #[error("a blocklist key of {0} bytes is not `<entity>:<id>` with entity one of customer, card, email, email_domain, device, ip")]
 pub struct BadEntityRef(pub usize);
 
+/// Why a blocklist record was not applied.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum GlobalError {
+    #[error(transparent)]
+    BadKey(#[from] BadEntityRef),
+    #[error(transparent)]
+    Full(#[from] TableFull),
+}
+
 /// `email:a@b.c` → (Email, "a@b.c").
 pub fn parse_entity_ref(key: &[u8]) -> Result<(Entity, &str), BadEntityRef> {
     let bad = || BadEntityRef(key.len());
@@ -149,7 +177,18 @@ pub fn parse_entity_ref(key: &[u8]) -> Result<(Entity, &str), BadEntityRef> {
 }
 
 impl GlobalTables {
-    pub fn apply_label(&mut self, hasher: &Hasher, label: &Label) {
+    /// Empty tables of at most `max_entries` entities each.
+    pub fn with_limit(max_entries: usize) -> GlobalTables {
+        GlobalTables {
+            labels: HashMap::new(),
+            blocklist: HashMap::new(),
+            max_entries,
+        }
+    }
+
+    /// Adds a label to each entity it names. An entity new to a full table is refused (the
+    /// others are still labelled).
+    pub fn apply_label(&mut self, hasher: &Hasher, label: &Label) -> Result<(), TableFull> {
         let named = [
             (Entity::Customer, &label.customer_id),
             (Entity::Card, &label.card_id),
@@ -157,14 +196,23 @@ impl GlobalTables {
             (Entity::Device, &label.device_id),
             (Entity::Ip, &label.ip),
         ];
+        let mut refused = Ok(());
         for (e, id) in named {
-            if let Some(id) = id {
-                self.labels
-                    .entry((e, hash(hasher, e, id)))
-                    .or_default()
-                    .push(label.label_time_ms);
+            let Some(id) = id else { continue };
+            let key = (e, hash(hasher, e, id));
+            if !self.labels.contains_key(&key) && self.labels.len() >= self.max_entries {
+                refused = Err(TableFull("labels", self.max_entries));
+                continue;
+            }
+            let times = self.labels.entry(key).or_default();
+            let t = label.label_time_ms;
+            let at = times.partition_point(|&x| x <= t);
+            if at < MAX_LABELS_PER_ENTITY {
+                times.insert(at, t);
+                times.truncate(MAX_LABELS_PER_ENTITY);
             }
         }
+        refused
     }
 
     /// A blocklist record: an entry, or a tombstone (`None`) that lifts it.
@@ -173,13 +221,21 @@ impl GlobalTables {
         hasher: &Hasher,
         key: &[u8],
         entry: Option<&BlockEntry>,
-    ) -> Result<(), BadEntityRef> {
+    ) -> Result<(), GlobalError> {
         let (e, id) = parse_entity_ref(key)?;
         let k = (e, hash(hasher, e, id));
         match entry {
             Some(b) => {
+                if !self.blocklist.contains_key(&k) && self.blocklist.len() >= self.max_entries {
+                    return Err(TableFull("blocklist", self.max_entries).into());
+                }
+                let mut end = b.reason.len().min(MAX_REASON_BYTES);
+                while !b.reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let reason = b.reason[..end].to_string();
                 self.blocklist
-                    .insert(k, (b.expires_at_ms.unwrap_or(i64::MAX), b.reason.clone()));
+                    .insert(k, (b.expires_at_ms.unwrap_or(i64::MAX), reason));
             }
             None => {
                 self.blocklist.remove(&k);
@@ -197,7 +253,7 @@ impl GlobalTables {
         for e in Entity::ALL {
             let Some(h) = ids[e.index()] else { continue };
             if let Some(times) = self.labels.get(&(e, h)) {
-                out.labels[e.index()] = times.iter().filter(|&&lt| lt <= t).count() as u32;
+                out.labels[e.index()] = times.partition_point(|&lt| lt <= t) as u32;
             }
             if let Some((expires, _)) = self.blocklist.get(&(e, h)) {
                 out.blocked[e.index()] = t < *expires;
@@ -252,14 +308,15 @@ mod tests {
             card_id: Some("card-1".into()),
             ..Label::default()
         };
-        g.apply_label(&h, &label);
+        g.apply_label(&h, &label).unwrap();
         g.apply_label(
             &h,
             &Label {
                 label_time_ms: 300,
                 ..label.clone()
             },
-        );
+        )
+        .unwrap();
         let mut ids: EntityHashes = [None; 6];
         ids[Entity::Email.index()] = Some(hash(&h, Entity::Email, "fraud@example.com "));
         ids[Entity::EmailDomain.index()] = Some(hash(&h, Entity::EmailDomain, "EXAMPLE.com"));
@@ -296,5 +353,55 @@ mod tests {
         }
         assert_eq!(email_domain("a@b.c"), Some("b.c"));
         assert_eq!(email_domain("nodomain"), None);
+    }
+
+    #[test]
+    fn tables_are_bounded_and_label_counts_saturate() {
+        let h = Hasher::new(b"k");
+        let mut g = GlobalTables::with_limit(3);
+        let label = |card: &str, t: i64| Label {
+            label_time_ms: t,
+            kind: "fraud".into(),
+            card_id: Some(card.into()),
+            ..Label::default()
+        };
+        // One card labelled 1,500 times, latest first: the earliest 1,000 are kept, in order.
+        for t in (0..1500).rev() {
+            g.apply_label(&h, &label("c0", t)).unwrap();
+        }
+        let mut ids: EntityHashes = [None; 6];
+        ids[Entity::Card.index()] = Some(hash(&h, Entity::Card, "c0"));
+        assert_eq!(g.hits(&ids, 9).labels[Entity::Card.index()], 10);
+        assert_eq!(
+            g.hits(&ids, 5000).labels[Entity::Card.index()],
+            MAX_LABELS_PER_ENTITY as u32
+        );
+        g.apply_label(&h, &label("c1", 1)).unwrap();
+        g.apply_label(&h, &label("c2", 1)).unwrap();
+        assert_eq!(
+            g.apply_label(&h, &label("c3", 1)),
+            Err(TableFull("labels", 3))
+        );
+        g.apply_label(&h, &label("c2", 2)).unwrap();
+        assert_eq!(g.sizes().0, 3);
+
+        let entry = BlockEntry {
+            added_at_ms: 0,
+            reason: "é".repeat(MAX_REASON_BYTES),
+            expires_at_ms: None,
+        };
+        for i in 0..3 {
+            g.apply_block(&h, format!("ip:10.0.0.{i}").as_bytes(), Some(&entry))
+                .unwrap();
+        }
+        assert_eq!(
+            g.apply_block(&h, b"ip:10.0.0.9", Some(&entry)),
+            Err(GlobalError::Full(TableFull("blocklist", 3)))
+        );
+        let ip = hash(&h, Entity::Ip, "10.0.0.1");
+        let reason = g.block_reason(Entity::Ip, ip, 0).unwrap();
+        assert!(reason.len() <= MAX_REASON_BYTES && reason.starts_with('é'));
+        g.apply_block(&h, b"ip:10.0.0.1", None).unwrap();
+        g.apply_block(&h, b"ip:10.0.0.9", Some(&entry)).unwrap();
     }
 }

@@ -76,6 +76,8 @@ pub const GLOBAL_ENTRIES: &str = "fraudstream_global_table_entries";
 /// Histogram: how long a transaction waited in the merge buffer for the other inputs of its
 /// partition (timestamp-ordered processing).
 pub const MERGE_WAIT: &str = "fraudstream_merge_wait_seconds";
+/// Counter: global-table records refused because their table was full, by table.
+pub const GLOBAL_REFUSED: &str = "fraudstream_global_table_refused_total";
 /// Gauge: bytes of input held by the event-time merge (bounded by `batch.max-buffered-bytes`).
 pub const MERGE_BUFFERED_BYTES: &str = "fraudstream_merge_buffered_bytes";
 /// Counter: records forwarded to the repartition topic (not on murmur2(customer)'s partition).
@@ -159,6 +161,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_histogram!(
         MERGE_WAIT,
         "Time a transaction waited for the other inputs of its partition (timestamp order)."
+    );
+    metrics::describe_counter!(
+        GLOBAL_REFUSED,
+        "Global-table records for a new entity refused because the table was full (state.max-global-entries)."
     );
     metrics::describe_gauge!(
         MERGE_BUFFERED_BYTES,
