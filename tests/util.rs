@@ -21,7 +21,11 @@ pub fn brokers() -> String {
 }
 
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    // Cargo sets it at run time too; the compiled-in path is stale when one target directory
+    // serves several clones (a binary is fresh by its sources' times, not by their place).
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// A name no other test (or earlier run) uses.
@@ -118,6 +122,27 @@ pub async fn create_topics_with(topics: &[NewTopicSpec<'_>]) {
         .expect("create topics");
     for r in results {
         r.expect("topic created");
+    }
+}
+
+/// Sets a topic's configs to exactly `config` (what is not given returns to the default).
+pub async fn set_topic_config(topic: &str, config: &[(&str, &str)]) {
+    use rdkafka::admin::{AlterConfig, ResourceSpecifier};
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let alter = config.iter().fold(
+        AlterConfig::new(ResourceSpecifier::Topic(topic)),
+        |a, (k, v)| a.set(k, v),
+    );
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for r in admin
+        .alter_configs(&[alter], &opts)
+        .await
+        .expect("alter configs")
+    {
+        r.expect("topic config altered");
     }
 }
 
