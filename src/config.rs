@@ -547,15 +547,25 @@ impl Settings {
             })?,
             None => String::new(),
         };
+        Settings::from_text(path, &text, env, sets)
+    }
+
+    /// As [`Settings::load`], with the file's text given (`path` names it in errors).
+    pub fn from_text(
+        path: Option<&Path>,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+        sets: &[String],
+    ) -> Result<Settings, ConfigError> {
         // The file alone first, so that its errors carry their line, column and key.
         if let Some(p) = path {
-            let de = toml::Deserializer::parse(&text).map_err(|e| file_error(p, &text, "", e))?;
+            let de = toml::Deserializer::parse(text).map_err(|e| file_error(p, text, "", e))?;
             if let Err(e) = serde_path_to_error::deserialize::<_, Settings>(de) {
                 let key = full_key(&e.path().to_string(), e.inner().message());
-                return Err(file_error(p, &text, &key, e.into_inner()));
+                return Err(file_error(p, text, &key, e.into_inner()));
             }
         }
-        let table: toml::Table = toml::from_str(&text).unwrap_or_default();
+        let table: toml::Table = toml::from_str(text).unwrap_or_default();
         let mut overrides = Vec::new();
         for (var, value) in env {
             let Some(rest) = var.strip_prefix(ENV_PREFIX) else {

@@ -215,28 +215,6 @@ pub async fn send_in_transaction(
     }
 }
 
-/// The sum of a topic's end offsets (high watermarks): how many records were ever written
-/// to it (transaction markers included), whatever compaction removed since.
-pub fn end_offsets(topic: &str) -> i64 {
-    use rdkafka::consumer::BaseConsumer;
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("consumer");
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("metadata");
-    md.topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| {
-            c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                .expect("watermarks")
-                .1
-        })
-        .sum()
-}
-
 /// Every record of a topic now, from the start of each partition to its end, read
 /// `read_uncommitted` (what the log holds, compacted or not).
 pub fn read_all(topic: &str) -> Vec<OwnedMessage> {

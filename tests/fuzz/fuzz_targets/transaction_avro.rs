@@ -1,0 +1,10 @@
+//! Plain Avro datums of schemas/transaction.avsc.
+#![no_main]
+
+#[path = "common.rs"]
+mod common;
+
+use fraudstream::config::InputFormat;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| common::transaction(InputFormat::Avro, data));
