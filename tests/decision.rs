@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fraudstream::decision::{Decision, Verdict};
 
@@ -220,6 +220,69 @@ async fn a_model_over_the_latency_budget_is_decided_without() {
         metrics.contains(r#"fraudstream_degraded_total{cause="latency-budget"}"#),
         "{metrics}"
     );
+    scorer.stop();
+}
+
+/// A processing loop stuck with work (a model that takes seconds a batch, no latency budget):
+/// `/healthz` answers 503 and says why once the loop has not turned for the stall timeout,
+/// while the instance stays ready, and answers 200 again once the loop moves.
+#[tokio::test(flavor = "multi_thread")]
+async fn healthz_fails_while_the_loop_is_stuck_and_recovers() {
+    let t = topics("stall", 1).await;
+    let dir = std::env::temp_dir().join(unique("stall"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let onnx = unusable_model(&dir, "slow");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(manifest_path()).unwrap()).unwrap();
+    m["model_version"] = "slow".into();
+    m["onnx"] = onnx.to_str().unwrap().into();
+    m.as_object_mut().unwrap().remove("onnx_sha256");
+    let manifest = dir.join("slow.json");
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let mut scorer = Scorer::start(
+        &t,
+        &[
+            ("FRAUDSTREAM__MODEL__MANIFEST", manifest.to_str().unwrap()),
+            ("FRAUDSTREAM__METRICS__STALL_TIMEOUT_MS", "1000"),
+        ],
+    );
+    scorer.wait_ready(Duration::from_secs(60)).await;
+    let (code, text) = scorer.http_get("/healthz").await;
+    assert_eq!(code, 200, "idle and healthy: {text}");
+    // Idle for longer than the stall timeout: a loop without work still turns.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (code, text) = scorer.http_get("/healthz").await;
+    assert_eq!(code, 200, "idle is not stuck: {text}");
+
+    let n = 200;
+    let records = sample_stream(n, "s", 20, fraudstream::pipeline::now_ms(), 1);
+    send_all(&producer(), &t.transactions, &records).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (code, text) = loop {
+        let (code, text) = scorer.http_get("/healthz").await;
+        if code != 200 || Instant::now() > deadline {
+            break (code, text);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(code, 503, "{text}; log:\n{}", scorer.log_text());
+    assert!(text.contains("has not turned for"), "{text}");
+    assert_eq!(
+        scorer.http_get("/readyz").await.0,
+        200,
+        "stuck is not unready"
+    );
+
+    let mut reader = Reader::new(&t.verdicts);
+    assert!(
+        reader
+            .read_until_distinct_keys(Duration::from_secs(300), n)
+            .await,
+        "log:\n{}",
+        scorer.log_text()
+    );
+    let (code, text) = scorer.http_get("/healthz").await;
+    assert_eq!(code, 200, "moving again: {text}");
     scorer.stop();
 }
 
