@@ -1,7 +1,7 @@
 //! The README's quickstart, run as written: it starts a broker, creates the topics, builds
-//! and starts fraudstream, sends a transaction with Kafka's console producer and another with
-//! confluent-kafka, reads both verdicts back, and stops everything. If a README command stops
-//! working, this fails.
+//! and starts fraudstream, sends a transaction with Kafka's console producer, another with
+//! confluent-kafka and a third with kcat, reads the verdicts back, and stops everything. If a
+//! README command stops working, this fails.
 
 use std::process::Command;
 
@@ -30,8 +30,8 @@ fn readme_quickstart_runs_as_written() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    // Both verdicts, each a JSON object naming its transaction.
-    for id in ["tx-0001", "tx-0002"] {
+    // The three verdicts, each a JSON object naming its transaction.
+    for id in ["tx-0001", "tx-0002", "tx-0003"] {
         let line = stdout
             .lines()
             .find(|l| l.contains(&format!("\"transaction_id\":\"{id}\"")))
