@@ -31,8 +31,9 @@ import yaml
 problems = []
 
 # Packages scripts/setup installs that the image build does not need: the openssl tool (TLS
-# test), and Java and Maven (the Apache Kafka of the tests and scripts/broker).
-NOT_FOR_BUILD = re.compile(r"^(openssl|maven)$|jdk|jre")
+# test), kcat (the README's quickstart), and Java and Maven (the Apache Kafka of the tests
+# and scripts/broker).
+NOT_FOR_BUILD = re.compile(r"^(openssl|kcat|maven)$|jdk|jre")
 # Shared libraries the scorer loads at run time: librdkafka's OpenSSL, the C++ runtime of
 # RocksDB and ONNX Runtime, the CA certificates of TLS listeners.
 RUNTIME_PACKAGES = ("libssl3", "libstdc++6", "ca-certificates")
