@@ -123,6 +123,9 @@ class Scorer:
         self.proc.terminate()
         self.proc.wait(60)
 
+    def timing(self):
+        return scorer_timing(self.metrics)
+
 
 class Reader(threading.Thread):
     """Reads verdicts (read_committed); latency = read time - the record's timestamp."""
@@ -222,6 +225,46 @@ def live(args, scorer, reader, schedule, name):
     return r, (name, t0, reader.samples[start:], lag)
 
 
+def backlog(args, system, name, n, nav_ratio, timeout=900):
+    """`n` transactions (and n x nav_ratio navigation events) produced first, as fast as the
+    tool can, into the topics of `system` (a Scorer, or anything with its `topics`, `proc`,
+    `start`, `stop` and `timing`), then `system` started on them and stopped once it has
+    answered them all (or after `timeout` s): the unthrottled throughput, start-up included
+    in `tx_per_s` and left out of `drain_tx_per_s` (first verdict to last)."""
+    producers = [perf_test(args, system.topics["transactions"], n, -1, args.tx_payload)]
+    if nav_ratio:
+        producers.append(perf_test(args, system.topics["navigation"], n * nav_ratio, -1, args.nav_payload))
+    for p in producers:
+        last = p.communicate()[0].strip().splitlines()[-1:]
+        print(f"perf-test: {' '.join(last)}", file=sys.stderr)
+    rd = Reader(args, system.topics["verdicts"], args.partitions)
+    rd.start()
+    try:
+        t0 = time.time()
+        system.start()
+        cpu0, bcpu0 = proc_cpu(system.proc.pid), proc_cpu(args.broker_pid)
+        t_end = wait_answered(rd, n, timeout)
+        cpu, bcpu = proc_cpu(system.proc.pid) - cpu0, proc_cpu(args.broker_pid) - bcpu0
+        r = summarise(name, rd.samples, n, t0, t_end, cpu, bcpu, proc_hwm(system.proc.pid), [])
+    finally:
+        rd.stopped = True
+        rd.join()
+        rd.c.close()
+    r["timing"] = system.timing()
+    r["wall_s"] = round(t_end - t0, 1)
+    navs = int(n * nav_ratio)
+    r["navigation"] = navs
+    r["startup_s"] = round(rd.samples[0][0] - t0, 1) if rd.samples else None
+    # From the first verdict to the last: the drain without the start-up.
+    drain = max(1e-9, rd.samples[-1][0] - rd.samples[0][0]) if rd.samples else 1e-9
+    r["drain_tx_per_s"] = round(n / drain, 1)
+    r["drain_nav_per_s"] = round(navs / drain, 1)
+    for k in ("p50_ms", "p99_ms", "p999_ms", "max_ms"):
+        r.pop(k)
+    system.stop()
+    return r
+
+
 def floor(args):
     """EndToEndLatency: one record produced and consumed at a time, acks=all, 200 bytes."""
     topic = f"e2e-floor-{int(time.time())}"
@@ -283,35 +326,7 @@ def main():
                 r["catch_up_s"] = round(after[0] - 50, 1) if after else None
             timeline.append(line)
         elif kind == "backlog":
-            n = int(value)
-            b = Scorer(args, f"{run}-backlog", args.partitions)
-            producers = [perf_test(args, b.topics["transactions"], n, -1, args.tx_payload)]
-            if args.nav_ratio:
-                producers.append(perf_test(args, b.topics["navigation"], n * args.nav_ratio, -1, args.nav_payload))
-            for p in producers:
-                last = p.communicate()[0].strip().splitlines()[-1:]
-                print(f"perf-test: {' '.join(last)}", file=sys.stderr)
-            rd = Reader(args, b.topics["verdicts"], args.partitions)
-            rd.start()
-            t0 = time.time()
-            b.start()
-            cpu0, bcpu0 = proc_cpu(b.proc.pid), proc_cpu(args.broker_pid)
-            t_end = wait_answered(rd, n, 900)
-            cpu, bcpu = proc_cpu(b.proc.pid) - cpu0, proc_cpu(args.broker_pid) - bcpu0
-            r = summarise(phase, rd.samples, n, t0, t_end, cpu, bcpu, proc_hwm(b.proc.pid), [])
-            r["timing"] = scorer_timing(b.metrics)
-            r["wall_s"] = round(t_end - t0, 1)
-            navs = int(n * args.nav_ratio)
-            r["navigation"] = navs
-            r["startup_s"] = round(rd.samples[0][0] - t0, 1) if rd.samples else None
-            # From the first verdict to the last: the drain without the start-up.
-            drain = max(1e-9, rd.samples[-1][0] - rd.samples[0][0]) if rd.samples else 1e-9
-            r["drain_tx_per_s"] = round(n / drain, 1)
-            r["drain_nav_per_s"] = round(navs / drain, 1)
-            for k in ("p50_ms", "p99_ms", "p999_ms", "max_ms"):
-                r.pop(k)
-            rd.stopped = True
-            b.stop()
+            r = backlog(args, Scorer(args, f"{run}-backlog", args.partitions), phase, int(value), args.nav_ratio)
         else:
             sys.exit(f"unknown phase {phase}")
         r["guarantee"] = args.guarantee
