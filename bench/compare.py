@@ -46,11 +46,15 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402
-from e2e import REPO, Reader, Scorer, pct, perf_test, proc_cpu, proc_hwm, wait_answered  # noqa: E402
+from e2e import REPO, Reader, Scorer, pct, perf_test, proc_cpu, system_cpu, system_hwm, wait_answered  # noqa: E402
 
 SYSTEMS = {
     "fraudstream-eos": ("fraudstream", "exactly-once"),
     "fraudstream-alo": ("fraudstream", "at-least-once"),
+    # Two instances in one group on the one machine: a processing thread each, as the Kafka
+    # Streams peer has two stream threads. Not in the default run.
+    "fraudstream-eos-x2": ("fraudstream", "exactly-once"),
+    "fraudstream-alo-x2": ("fraudstream", "at-least-once"),
     "streams-eos": ("streams", "exactly_once_v2"),
     "streams-alo": ("streams", "at_least_once"),
     "http": ("http", None),
@@ -109,11 +113,11 @@ class StreamsPeer:
         return {}
 
 
-def make_system(args, kind, guarantee, run):
+def make_system(args, name, kind, guarantee, run):
     if kind == "fraudstream":
         a = copy.copy(args)
         a.guarantee = guarantee
-        return Scorer(a, run, args.partitions)
+        return Scorer(a, run, args.partitions, instances=2 if name.endswith("-x2") else 1)
     return StreamsPeer(args, run, guarantee)
 
 
@@ -150,7 +154,7 @@ def rate_phase(args, system, reader, rate, seconds):
 
     base = produced()
     n = int(rate * seconds)
-    cpu0, bcpu0 = proc_cpu(system.proc.pid), proc_cpu(args.broker_pid)
+    cpu0, bcpu0 = system_cpu(system), proc_cpu(args.broker_pid)
     tool = perf_test(args, topic, n, rate, args.tx_payload)
     t_first, lag = None, []  # lag: (s since the first record sent, transactions in the topic not answered)
     while tool.poll() is None:
@@ -174,7 +178,7 @@ def rate_phase(args, system, reader, rate, seconds):
         slope = sum((t - mt) * (v - mv) for t, v in half) / den if den else 0.0
     growth = slope * (half[-1][0] - half[0][0]) if len(half) >= 3 else 0.0
     t_end = wait_answered(reader, start + n, args.drain_timeout)
-    cpu, bcpu = proc_cpu(system.proc.pid) - cpu0, proc_cpu(args.broker_pid) - bcpu0
+    cpu, bcpu = system_cpu(system) - cpu0, proc_cpu(args.broker_pid) - bcpu0
     watermarks.close()
     samples = reader.samples[start:start + n]
     lat = sorted(s[1] for s in samples)
@@ -195,7 +199,7 @@ def rate_phase(args, system, reader, rate, seconds):
         # From the perf tool's exit to the phase's last verdict read.
         "last_verdict_after_s": round(max((s[0] for s in samples), default=t_end) - t_sent, 1),
         "cpu_s_per_100k": round(cpu * per, 2), "broker_cpu_s_per_100k": round(bcpu * per, 2),
-        "peak_rss_mb": round(proc_hwm(system.proc.pid) / 2**20, 1),
+        "peak_rss_mb": round(system_hwm(system) / 2**20, 1),
         "perf_test": tool_line,
     }
 
@@ -208,7 +212,7 @@ def run_stream_system(args, name, kind, guarantee, run):
         r = f"{run}-{name}-{key.replace('_', '-')}"
         print(f"{name}: {args.backlog:,} transactions" + (f" + {args.backlog * nav:,} navigation events" if nav else "")
               + " produced, then drained", file=sys.stderr, flush=True)
-        system = make_system(args, kind, guarantee, r)
+        system = make_system(args, name, kind, guarantee, r)
         try:
             out[key] = e2e.backlog(args, system, key, args.backlog, nav, args.backlog_timeout)
         finally:
@@ -217,7 +221,7 @@ def run_stream_system(args, name, kind, guarantee, run):
         print(json.dumps(out[key]), file=sys.stderr, flush=True)
     if args.rates:
         r = f"{run}-{name}-rates"
-        system = make_system(args, kind, guarantee, r)
+        system = make_system(args, name, kind, guarantee, r)
         reader = None
         out["rates"] = []
         try:
@@ -411,7 +415,7 @@ def main():
     ap.add_argument("--payloads", required=True, help="directory of gen_payloads.py's files")
     ap.add_argument("--peer-run", default=os.path.join(REPO, "bench", "peers", "kafka-streams", "run"))
     ap.add_argument("--http-run", default=os.path.join(REPO, "bench", "peers", "http", "run"))
-    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--systems", default=",".join(n for n in SYSTEMS if not n.endswith("-x2")))
     ap.add_argument("--backlog", type=int, default=1_000_000, help="transactions in each backlog")
     ap.add_argument("--navigation-per-tx", type=int, default=10,
                     help="navigation events per transaction in the second backlog (0: no second backlog)")

@@ -62,6 +62,19 @@ def proc_hwm(pid):
     return 0
 
 
+def system_pids(system):
+    """The processes of a system: every instance of a Scorer, else its one process."""
+    return [p.pid for p in getattr(system, "procs", None) or [system.proc]]
+
+
+def system_cpu(system):
+    return sum(proc_cpu(pid) for pid in system_pids(system))
+
+
+def system_hwm(system):
+    return sum(proc_hwm(pid) for pid in system_pids(system))
+
+
 def kafka_tool(name, *tool_args):
     """One of Kafka's command-line tools (scripts/kafka-cli)."""
     return subprocess.Popen([os.path.join(REPO, "scripts", "kafka-cli"), name, *tool_args],
@@ -78,9 +91,10 @@ def perf_test(args, topic, records, rate, payload):
 
 
 class Scorer:
-    """A fraudstream process on its own topics and group."""
+    """fraudstream on its own topics and group: `instances` processes in that group (one
+    processing thread each), each with its own state directory and metrics port."""
 
-    def __init__(self, args, run, partitions):
+    def __init__(self, args, run, partitions, instances=1):
         self.run = run
         self.topics = {t: f"{run}-{t}" for t in ("transactions", "navigation", "verdicts", "dlq", "labels", "blocklist")}
         admin = AdminClient({"bootstrap.servers": args.bootstrap})
@@ -88,40 +102,53 @@ class Scorer:
                                   for t, name in self.topics.items()])
         for f in fs.values():
             f.result()
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.metrics = f"127.0.0.1:{sock.getsockname()[1]}"
-        self.args, self.proc = args, None
+        self.endpoints = []
+        for _ in range(instances):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                self.endpoints.append(f"127.0.0.1:{sock.getsockname()[1]}")
+        self.metrics = self.endpoints[0]
+        # One key for the group: the instances read each other's changelog.
+        self.secret = os.urandom(16).hex()
+        self.args, self.proc, self.procs = args, None, []
 
     def start(self):
-        env = dict(os.environ,
-                   FRAUDSTREAM__BROKERS=self.args.bootstrap, FRAUDSTREAM__GROUP_ID=self.run,
-                   FRAUDSTREAM__TOPICS__TRANSACTIONS=self.topics["transactions"],
-                   FRAUDSTREAM__TOPICS__NAVIGATION=self.topics["navigation"],
-                   FRAUDSTREAM__TOPICS__VERDICTS=self.topics["verdicts"],
-                   FRAUDSTREAM__TOPICS__DEAD_LETTER=self.topics["dlq"],
-                   FRAUDSTREAM__TOPICS__LABELS=self.topics["labels"],
-                   FRAUDSTREAM__TOPICS__BLOCKLIST=self.topics["blocklist"],
-                   FRAUDSTREAM__METRICS__LISTEN=self.metrics,
-                   FRAUDSTREAM__PROCESSING__GUARANTEE=self.args.guarantee,
-                   FRAUDSTREAM__STATE__PATH=f"/tmp/{self.run}-state",
-                   FRAUDSTREAM__STATE__HMAC_SECRET=os.urandom(16).hex(), RUST_LOG="warn")
         self.log = open(f"/tmp/{self.run}.log", "w")
-        self.proc = subprocess.Popen([self.args.bin, "run", "--config", "docs/fraudstream.toml"],
-                                     env=env, stdout=subprocess.DEVNULL, stderr=self.log, cwd=REPO)
+        for i, endpoint in enumerate(self.endpoints):
+            state = f"/tmp/{self.run}-state" + (f"/{i}" if len(self.endpoints) > 1 else "")
+            env = dict(os.environ,
+                       FRAUDSTREAM__BROKERS=self.args.bootstrap, FRAUDSTREAM__GROUP_ID=self.run,
+                       FRAUDSTREAM__TOPICS__TRANSACTIONS=self.topics["transactions"],
+                       FRAUDSTREAM__TOPICS__NAVIGATION=self.topics["navigation"],
+                       FRAUDSTREAM__TOPICS__VERDICTS=self.topics["verdicts"],
+                       FRAUDSTREAM__TOPICS__DEAD_LETTER=self.topics["dlq"],
+                       FRAUDSTREAM__TOPICS__LABELS=self.topics["labels"],
+                       FRAUDSTREAM__TOPICS__BLOCKLIST=self.topics["blocklist"],
+                       FRAUDSTREAM__METRICS__LISTEN=endpoint,
+                       FRAUDSTREAM__PROCESSING__GUARANTEE=self.args.guarantee,
+                       FRAUDSTREAM__STATE__PATH=state,
+                       FRAUDSTREAM__STATE__HMAC_SECRET=self.secret, RUST_LOG="warn")
+            self.procs.append(subprocess.Popen([self.args.bin, "run", "--config", "docs/fraudstream.toml"],
+                                               env=env, stdout=subprocess.DEVNULL, stderr=self.log, cwd=REPO))
+        self.proc = self.procs[0]
         deadline = time.time() + 120
-        while time.time() < deadline:
+        waiting = list(self.endpoints)
+        while waiting and time.time() < deadline:
             try:
-                if urllib.request.urlopen(f"http://{self.metrics}/readyz", timeout=1).status == 200:
-                    return
+                if urllib.request.urlopen(f"http://{waiting[0]}/readyz", timeout=1).status == 200:
+                    waiting.pop(0)
+                    continue
             except OSError:
                 pass
             time.sleep(0.2)
-        sys.exit(f"fraudstream not ready; log: /tmp/{self.run}.log")
+        if waiting:
+            sys.exit(f"fraudstream not ready; log: /tmp/{self.run}.log")
 
     def stop(self):
-        self.proc.terminate()
-        self.proc.wait(60)
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(60)
 
     def timing(self):
         return scorer_timing(self.metrics)
@@ -193,7 +220,7 @@ def live(args, scorer, reader, schedule, name):
     """Sends at the rates of `schedule` [(seconds, tx/s)], perf-test processes per step;
     returns the phase's summary and timeline."""
     start = len(reader.samples)
-    cpu0, bcpu0 = proc_cpu(scorer.proc.pid), proc_cpu(args.broker_pid)
+    cpu0, bcpu0 = system_cpu(scorer), proc_cpu(args.broker_pid)
     topic = scorer.topics["transactions"]
     watermarks = Consumer({"bootstrap.servers": args.bootstrap, "group.id": f"e2e-lag-{time.time_ns()}"})
 
@@ -217,9 +244,9 @@ def live(args, scorer, reader, schedule, name):
     t_end = wait_answered(reader, start + sent, 300, lag, t0)
     if name.startswith("rate:"):
         t_end = t0 + sum(s for s, _ in schedule)
-    cpu, bcpu = proc_cpu(scorer.proc.pid) - cpu0, proc_cpu(args.broker_pid) - bcpu0
+    cpu, bcpu = system_cpu(scorer) - cpu0, proc_cpu(args.broker_pid) - bcpu0
     watermarks.close()
-    r = summarise(name, reader.samples[start:], sent, t0, t_end, cpu, bcpu, proc_hwm(scorer.proc.pid), lag)
+    r = summarise(name, reader.samples[start:], sent, t0, t_end, cpu, bcpu, system_hwm(scorer), lag)
     # Cumulative over the scorer's life (it serves every live phase).
     r["timing_cumulative"] = scorer_timing(scorer.metrics)
     return r, (name, t0, reader.samples[start:], lag)
@@ -242,10 +269,10 @@ def backlog(args, system, name, n, nav_ratio, timeout=900):
     try:
         t0 = time.time()
         system.start()
-        cpu0, bcpu0 = proc_cpu(system.proc.pid), proc_cpu(args.broker_pid)
+        cpu0, bcpu0 = system_cpu(system), proc_cpu(args.broker_pid)
         t_end = wait_answered(rd, n, timeout)
-        cpu, bcpu = proc_cpu(system.proc.pid) - cpu0, proc_cpu(args.broker_pid) - bcpu0
-        r = summarise(name, rd.samples, n, t0, t_end, cpu, bcpu, proc_hwm(system.proc.pid), [])
+        cpu, bcpu = system_cpu(system) - cpu0, proc_cpu(args.broker_pid) - bcpu0
+        r = summarise(name, rd.samples, n, t0, t_end, cpu, bcpu, system_hwm(system), [])
     finally:
         rd.stopped = True
         rd.join()
