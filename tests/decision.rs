@@ -170,14 +170,10 @@ fn unusable_model(dir: &Path, kind: &str) -> std::path::PathBuf {
     out
 }
 
-/// A model slower than the latency budget: every batch is decided by the rules, nothing
-/// waits for the model.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_model_over_the_latency_budget_is_decided_without() {
-    let t = topics("budget", 3).await;
-    let dir = std::env::temp_dir().join(unique("budget"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let onnx = unusable_model(&dir, "slow");
+/// Writes `dir/slow.json`, a manifest of the slow model (tens of milliseconds a row), and
+/// returns its path.
+fn slow_model(dir: &Path) -> std::path::PathBuf {
+    let onnx = unusable_model(dir, "slow");
     let mut m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(manifest_path()).unwrap()).unwrap();
     m["model_version"] = "slow".into();
@@ -185,6 +181,17 @@ async fn a_model_over_the_latency_budget_is_decided_without() {
     m.as_object_mut().unwrap().remove("onnx_sha256");
     let manifest = dir.join("slow.json");
     std::fs::write(&manifest, m.to_string()).unwrap();
+    manifest
+}
+
+/// A model slower than the latency budget: every batch is decided by the rules, nothing
+/// waits for the model.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_over_the_latency_budget_is_decided_without() {
+    let t = topics("budget", 3).await;
+    let dir = std::env::temp_dir().join(unique("budget"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = slow_model(&dir);
     let n = 300;
     let records = sample_stream(n, "b", 20, fraudstream::pipeline::now_ms(), 1);
     send_all(&producer(), &t.transactions, &records).await;
@@ -231,14 +238,7 @@ async fn healthz_fails_while_the_loop_is_stuck_and_recovers() {
     let t = topics("stall", 1).await;
     let dir = std::env::temp_dir().join(unique("stall"));
     std::fs::create_dir_all(&dir).unwrap();
-    let onnx = unusable_model(&dir, "slow");
-    let mut m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(manifest_path()).unwrap()).unwrap();
-    m["model_version"] = "slow".into();
-    m["onnx"] = onnx.to_str().unwrap().into();
-    m.as_object_mut().unwrap().remove("onnx_sha256");
-    let manifest = dir.join("slow.json");
-    std::fs::write(&manifest, m.to_string()).unwrap();
+    let manifest = slow_model(&dir);
     let mut scorer = Scorer::start(
         &t,
         &[
