@@ -378,13 +378,22 @@ pub struct ProcessingSettings {
     /// How often processed input is committed (one Kafka transaction), in milliseconds; also
     /// on revoke and shutdown. With exactly-once, verdicts become visible at the commit.
     pub commit_interval_ms: u64,
+    /// Processing loops in this process, each a member of the consumer group with its own
+    /// partitions, transactional producer, RocksDB store (`state.path`, then
+    /// `state.path/worker-N`) and copy of the model: one per core given to the scorer (Kafka
+    /// Streams' `num.stream.threads`).
+    pub workers: usize,
 }
+
+/// The most `processing.workers`.
+pub const MAX_WORKERS: usize = 64;
 
 impl Default for ProcessingSettings {
     fn default() -> Self {
         ProcessingSettings {
             guarantee: Guarantee::ExactlyOnce,
             commit_interval_ms: 100,
+            workers: 1,
         }
     }
 }
@@ -436,6 +445,18 @@ pub struct StateSettings {
 
 /// The default `state.max-global-entries`.
 pub const DEFAULT_MAX_GLOBAL_ENTRIES: usize = 2_000_000;
+
+impl StateSettings {
+    /// The RocksDB directory of worker `index`: `path` for the first, `path/worker-N` for
+    /// the others (RocksDB leaves subdirectories of its own alone).
+    pub fn worker_path(&self, index: usize) -> PathBuf {
+        if index == 0 {
+            self.path.clone()
+        } else {
+            self.path.join(format!("worker-{index}"))
+        }
+    }
+}
 
 impl Default for StateSettings {
     fn default() -> Self {
@@ -665,6 +686,11 @@ impl Settings {
         }
         if self.batch.max_records == 0 {
             return bad("`batch.max-records` must be at least 1".into());
+        }
+        if !(1..=MAX_WORKERS).contains(&self.processing.workers) {
+            return bad(format!(
+                "`processing.workers` must be between 1 and {MAX_WORKERS}"
+            ));
         }
         if !(self.input.max_amount.is_finite() && self.input.max_amount > 0.0) {
             return bad("`input.max-amount` must be a finite number > 0".into());

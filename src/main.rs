@@ -160,24 +160,27 @@ fn main() -> ExitCode {
             };
         }
         Command::StateStats => {
-            let stats = fraudstream::state::Store::open_read_only(&settings.state.path)
-                .and_then(|s| s.stats());
-            return match stats {
-                Ok(stats) => {
-                    println!("state store {}", settings.state.path.display());
-                    for (kind, n, bytes) in stats {
-                        let per = if n > 0 { bytes as f64 / n as f64 } else { 0.0 };
-                        println!(
-                            "{kind:<9} {n:>10} entities {bytes:>14} bytes {per:>10.1} bytes each"
-                        );
+            for w in 0..settings.processing.workers {
+                let path = settings.state.worker_path(w);
+                let stats =
+                    fraudstream::state::Store::open_read_only(&path).and_then(|s| s.stats());
+                match stats {
+                    Ok(stats) => {
+                        println!("state store {}", path.display());
+                        for (kind, n, bytes) in stats {
+                            let per = if n > 0 { bytes as f64 / n as f64 } else { 0.0 };
+                            println!(
+                                "{kind:<9} {n:>10} entities {bytes:>14} bytes {per:>10.1} bytes each"
+                            );
+                        }
                     }
-                    ExitCode::SUCCESS
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
                 }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            };
+            }
+            return ExitCode::SUCCESS;
         }
         Command::StateExport { output } => {
             use fraudstream::pipeline::rebalance::export;

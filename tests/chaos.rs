@@ -7,7 +7,7 @@ use std::process::Command;
 
 use crate::util::*;
 
-fn chaos(guarantee: &str, transactions: &str) -> serde_json::Value {
+fn chaos(guarantee: &str, transactions: &str, workers: &str) -> serde_json::Value {
     let python =
         std::env::var("FRAUDSTREAM_PYTHON").expect("FRAUDSTREAM_PYTHON (scripts/test sets it)");
     let out = Command::new(python)
@@ -16,6 +16,7 @@ fn chaos(guarantee: &str, transactions: &str) -> serde_json::Value {
         .args(["--bin", env!("CARGO_BIN_EXE_fraudstream")])
         .args(["--guarantee", guarantee])
         .args(["--transactions", transactions, "--batch", "50"])
+        .args(["--workers", workers])
         .args(["--timeout", "900"])
         .output()
         .expect("run chaos.py");
@@ -40,7 +41,17 @@ fn chaos(guarantee: &str, transactions: &str) -> serde_json::Value {
 /// clean run's, and the final state is the clean run's.
 #[test]
 fn exactly_once_under_chaos() {
-    let summary = chaos("exactly-once", "20000");
+    let summary = chaos("exactly-once", "20000", "1");
+    assert_eq!(summary["duplicates"], 0, "{summary}");
+    assert_eq!(summary["verdicts"], 20000, "{summary}");
+}
+
+/// Exactly once with two workers in each instance (`processing.workers`): partitions move
+/// between the workers of a process as between processes, a SIGKILL takes both, and what a
+/// read_committed reader sees and the final state are the clean one-worker run's.
+#[test]
+fn exactly_once_under_chaos_with_two_workers_per_instance() {
+    let summary = chaos("exactly-once", "20000", "2");
     assert_eq!(summary["duplicates"], 0, "{summary}");
     assert_eq!(summary["verdicts"], 20000, "{summary}");
 }
@@ -49,5 +60,5 @@ fn exactly_once_under_chaos() {
 /// still the clean run's (never applied twice).
 #[test]
 fn at_least_once_under_chaos() {
-    chaos("at-least-once", "20000");
+    chaos("at-least-once", "20000", "1");
 }

@@ -123,6 +123,31 @@ pub async fn create_topics_with(topics: &[NewTopicSpec<'_>]) {
     for r in results {
         r.expect("topic created");
     }
+    // The controller has the topics; wait until the broker's metadata has them too, or a
+    // client started next may be told they do not exist.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for (name, partitions, _) in topics {
+        loop {
+            let known = admin
+                .inner()
+                .fetch_metadata(Some(name), Duration::from_secs(5))
+                .ok()
+                .and_then(|md| {
+                    md.topics()
+                        .iter()
+                        .find(|t| t.name() == *name && t.error().is_none())
+                        .map(|t| t.partitions().len() as i32)
+                });
+            if known == Some(*partitions) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "topic {name} not in the broker's metadata after 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// Sets a topic's configs to exactly `config` (what is not given returns to the default).

@@ -122,8 +122,9 @@ class Broker:
 
 
 class Instance:
-    def __init__(self, args, group, topics, name, work):
+    def __init__(self, args, group, topics, name, work, workers=1):
         self.args, self.group, self.topics, self.name = args, group, topics, name
+        self.workers = workers
         self.state = os.path.join(work, f"{group}-{name}-state")
         self.logpath = os.path.join(work, f"{group}-{name}.log")
         self.proc = None
@@ -139,6 +140,7 @@ class Instance:
                    FRAUDSTREAM__STATE__PATH=self.state,
                    FRAUDSTREAM__STATE__HMAC_SECRET=self.args.hmac_secret,
                    FRAUDSTREAM__PROCESSING__GUARANTEE=self.args.guarantee,
+                   FRAUDSTREAM__PROCESSING__WORKERS=str(self.workers),
                    FRAUDSTREAM__OUTPUT__AUDIT_FEATURES="true",
                    # Both runs merge the inputs in the same (event-time) order: wait, never guess.
                    FRAUDSTREAM__BATCH__MAX_TASK_IDLE_MS="60000",
@@ -289,7 +291,9 @@ def run(args, work, run_id, name, topics_in, broker, chaos):
     create_topics(args, [(topics["verdicts"], args.partitions), (topics["dlq"], 1)])
     n = args.transactions
     reader = Verdicts(args, topics["verdicts"], args.partitions)
-    pool = [Instance(args, group, topics, f"i{k}", work) for k in range(3)]
+    # The clean run has one worker: the chaos run's (--workers) must come to the same.
+    workers = args.workers if chaos else 1
+    pool = [Instance(args, group, topics, f"i{k}", work, workers) for k in range(3)]
     rng = random.Random(args.seed)
     counts = {"kills": 0, "kills_in_commit": 0, "joins": 0, "leaves": 0, "broker_kills": 0}
     pool[0].start()
@@ -399,6 +403,7 @@ def main():
     ap.add_argument("--broker-kills", type=int, default=1)
     ap.add_argument("--broker-down", type=float, default=3.0, help="seconds the broker stays down")
     ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--workers", type=int, default=1, help="processing.workers of each instance in the chaos run")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=3600)
     args = ap.parse_args()
@@ -423,7 +428,7 @@ def main():
 
     fields, ok = compare(args, clean, clean_state, chaos, chaos_state)
     summary = {
-        "guarantee": args.guarantee, "transactions": args.transactions,
+        "guarantee": args.guarantee, "workers": args.workers, "transactions": args.transactions,
         "navigation_events": (args.transactions + 2) // 3, **counts,
         "joins_and_leaves": counts["joins"] + counts["leaves"],
         **fields,

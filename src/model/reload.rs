@@ -7,7 +7,8 @@
 //! the checks of a start ([`Model::load`]); a model that fails them is refused, logged and
 //! counted, and the one in service keeps scoring. A checked model waits in the slot until the
 //! pipeline finishes its current batch: every batch is scored by one model, and each verdict
-//! names it. The guarantee and its limit: no transaction is dropped or scored twice by a
+//! names it. With several workers (`processing.workers`), each gets a copy of its own (an
+//! ONNX Runtime session serves one caller at a time), loaded and checked by the watcher. The guarantee and its limit: no transaction is dropped or scored twice by a
 //! swap, but a batch re-delivered after a crash is scored by whichever model is in service
 //! then.
 
@@ -51,18 +52,23 @@ pub struct Candidates {
     pub rules: Option<RuleSet>,
 }
 
-/// Shared between the watcher thread, the pipeline and the HTTP endpoint.
-#[derive(Clone, Default)]
+/// Shared between the watcher thread, the pipeline's workers and the HTTP endpoint.
+#[derive(Clone)]
 pub struct ReloadHandle(Arc<Shared>);
 
-#[derive(Default)]
 struct Shared {
     /// Reloads asked for (SIGHUP, endpoint); the watcher serves up to this number.
     requested: AtomicU64,
     /// The last request served, and what came of it (for the endpoint's answer).
     served: Mutex<(u64, Option<Result<String, String>>)>,
-    /// Checked models the pipeline has not taken yet.
-    pending: Mutex<Candidates>,
+    /// Checked models each worker has not taken yet.
+    pending: Vec<Mutex<Candidates>>,
+}
+
+impl Default for ReloadHandle {
+    fn default() -> Self {
+        ReloadHandle::new(1)
+    }
 }
 
 impl telemetry::Admin for ReloadHandle {
@@ -75,6 +81,19 @@ impl telemetry::Admin for ReloadHandle {
 }
 
 impl ReloadHandle {
+    /// A handle for `workers` workers, each taking its own copy of a reloaded model.
+    pub fn new(workers: usize) -> ReloadHandle {
+        ReloadHandle(Arc::new(Shared {
+            requested: AtomicU64::new(0),
+            served: Mutex::new((0, None)),
+            pending: (0..workers.max(1)).map(|_| Mutex::default()).collect(),
+        }))
+    }
+
+    fn workers(&self) -> usize {
+        self.0.pending.len()
+    }
+
     /// Asks the watcher to reload every configured model now.
     pub fn request(&self) -> u64 {
         self.0.requested.fetch_add(1, Ordering::SeqCst) + 1
@@ -100,21 +119,24 @@ impl ReloadHandle {
         }
     }
 
-    /// The models checked since the last call, if any.
-    pub fn take(&self) -> Option<Candidates> {
-        let mut pending = self.0.pending.lock().ok()?;
+    /// The models checked for `worker` since its last call, if any.
+    pub fn take(&self, worker: usize) -> Option<Candidates> {
+        let mut pending = self.0.pending.get(worker)?.lock().ok()?;
         if pending.primary.is_none() && pending.shadow.is_none() && pending.rules.is_none() {
             return None;
         }
         Some(std::mem::take(&mut *pending))
     }
 
-    fn offer(&self, loaded: Loaded) {
-        if let Ok(mut pending) = self.0.pending.lock() {
-            match loaded {
-                Loaded::Model(Role::Shadow, m) => pending.shadow = Some(*m),
-                Loaded::Model(_, m) => pending.primary = Some(*m),
-                Loaded::Rules(r) => pending.rules = Some(r),
+    /// Hands one copy to each worker.
+    fn offer(&self, copies: Vec<Loaded>) {
+        for (slot, loaded) in self.0.pending.iter().zip(copies) {
+            if let Ok(mut pending) = slot.lock() {
+                match loaded {
+                    Loaded::Model(Role::Shadow, m) => pending.shadow = Some(*m),
+                    Loaded::Model(_, m) => pending.primary = Some(*m),
+                    Loaded::Rules(r) => pending.rules = Some(r),
+                }
             }
         }
     }
@@ -251,17 +273,25 @@ fn load(
     handle: &ReloadHandle,
 ) -> Result<String, String> {
     let role = w.role.as_str();
-    let loaded = match w.role {
+    let copies: Result<Vec<Loaded>, String> = match w.role {
         Role::Rules => RuleSet::load(&w.manifest)
-            .map(Loaded::Rules)
+            .map(|r| {
+                (0..handle.workers())
+                    .map(|_| Loaded::Rules(r.clone()))
+                    .collect()
+            })
             .map_err(|e| e.to_string()),
-        r => Model::load(env, &w.manifest)
-            .map(|m| Loaded::Model(r, Box::new(m)))
-            .map_err(|e| e.to_string()),
+        r => (0..handle.workers())
+            .map(|_| {
+                Model::load(env, &w.manifest)
+                    .map(|m| Loaded::Model(r, Box::new(m)))
+                    .map_err(|e| e.to_string())
+            })
+            .collect(),
     };
-    match loaded {
-        Ok(loaded) => {
-            let version = match &loaded {
+    match copies {
+        Ok(copies) => {
+            let version = match &copies[0] {
                 Loaded::Model(_, m) => m.manifest.model_version.clone(),
                 Loaded::Rules(r) => r.version.clone(),
             };
@@ -272,7 +302,7 @@ fn load(
             );
             metrics::counter!(telemetry::RELOADS, "target" => role, "result" => "loaded")
                 .increment(1);
-            handle.offer(loaded);
+            handle.offer(copies);
             Ok(version)
         }
         Err(e) => {

@@ -6,12 +6,21 @@
 //! producer with another partitioner, such as librdkafka's CRC32 default) is forwarded to the
 //! repartition topic's partition for its customer instead, with a header saying what it is.
 //! Records read from the repartition topic are processed where they are.
+//!
+//! Every assigned input partition has a queue of its own ([`Queues`]), split off the
+//! consumer's once its state is restored, and the loop takes an equal share from each in
+//! turn: librdkafka's one consumer queue would hand out what it prefetched in the order it
+//! was fetched, so a partition behind another's backlog would wait for that backlog.
 
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
 
 use super::merge::{Queued, NAV, REPARTITION, TX};
+use super::rebalance::{GroupConsumer, GroupContext};
 use crate::decode::{DecodeError, Decoder, NavigationEvent, Transaction};
 use crate::source::partitioner::partition_for;
 
@@ -122,4 +131,146 @@ fn held_bytes(msg: &OwnedMessage) -> usize {
         + headers
         + std::mem::size_of::<Record>()
         + std::mem::size_of::<Transaction>()
+}
+
+/// Wakes the loop when one of the consumer's queues (its own, or a partition's) turns
+/// non-empty: their callbacks run on librdkafka's threads.
+#[derive(Default)]
+pub struct Wake {
+    woken: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Wake {
+    pub fn notify(&self) {
+        *self.woken.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_one();
+    }
+
+    /// Forgets earlier wake-ups: called before looking into the queues, so that whatever
+    /// arrives after the look wakes the next wait.
+    pub fn clear(&self) {
+        *self.woken.lock().unwrap_or_else(|e| e.into_inner()) = false;
+    }
+
+    /// Waits until woken since the last [`Wake::clear`], or until `until`.
+    pub fn wait_until(&self, until: Instant) {
+        let mut woken = self.woken.lock().unwrap_or_else(|e| e.into_inner());
+        while !*woken {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            woken = self
+                .cv
+                .wait_timeout(woken, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// The assigned input partitions' own queues, read in turn.
+pub struct Queues {
+    /// By (input, partition).
+    queues: Vec<((usize, i32), PartitionQueue<GroupContext>)>,
+    /// Which queue goes first in the next [`Queues::fill`].
+    turn: usize,
+    /// Queues found empty in the current fill.
+    empty: Vec<bool>,
+    wake: Arc<Wake>,
+}
+
+impl Queues {
+    pub fn new(wake: Arc<Wake>) -> Queues {
+        Queues {
+            queues: Vec::new(),
+            turn: 0,
+            empty: Vec::new(),
+            wake,
+        }
+    }
+
+    /// Splits the queue of `topic`'s partition `p` (`input`) off the consumer's. Done after
+    /// every assignment, while the partition is paused: what librdkafka fetched for it
+    /// before stays in the consumer's queue (and is dropped, see [`Queues::is_split`]).
+    /// Returns false when librdkafka has no queue for it; its records then come through
+    /// the consumer's queue.
+    pub fn split(
+        &mut self,
+        consumer: &Arc<GroupConsumer>,
+        input: usize,
+        topic: &str,
+        p: i32,
+    ) -> bool {
+        self.queues.retain(|(k, _)| *k != (input, p));
+        let Some(mut queue) = consumer.split_partition_queue(topic, p) else {
+            return false;
+        };
+        let wake = self.wake.clone();
+        queue.set_nonempty_callback(move || wake.notify());
+        self.queues.push(((input, p), queue));
+        true
+    }
+
+    pub fn is_split(&self, input: usize, p: i32) -> bool {
+        self.queues.iter().any(|(k, _)| *k == (input, p))
+    }
+
+    /// Drops a revoked partition's queues.
+    pub fn drop_partition(&mut self, p: i32) {
+        self.queues.retain(|((_, q), _)| *q != p);
+    }
+
+    /// Drops every queue (they hold the consumer: before it is closed).
+    pub fn clear(&mut self) {
+        self.queues.clear();
+    }
+
+    /// Moves records into `into` until it holds `max` or every queue is empty: an equal
+    /// share of what is left from each queue in turn, the first turn going round the queues
+    /// from one call to the next.
+    pub fn fill(&mut self, into: &mut Vec<OwnedMessage>, max: usize) {
+        let n = self.queues.len();
+        if n == 0 || into.len() >= max {
+            return;
+        }
+        self.empty.clear();
+        self.empty.resize(n, false);
+        let mut open = n;
+        let first = self.turn % n;
+        self.turn = first + 1;
+        while open > 0 && into.len() < max {
+            let share = ((max - into.len()) / open).max(1);
+            for k in 0..n {
+                let i = (first + k) % n;
+                if self.empty[i] {
+                    continue;
+                }
+                let queue = &self.queues[i].1;
+                for _ in 0..share {
+                    if into.len() >= max {
+                        return;
+                    }
+                    match queue.poll(Duration::ZERO) {
+                        Some(r) => take(r, into),
+                        None => {
+                            self.empty[i] = true;
+                            open -= 1;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A polled message, detached from the consumer; an error is logged (librdkafka reports
+/// broker trouble this way and retries on its own).
+pub fn take(r: KafkaResult<BorrowedMessage<'_>>, into: &mut Vec<OwnedMessage>) {
+    match r {
+        Ok(m) => into.push(m.detach()),
+        Err(e) => tracing::warn!(error = %e, "Consumer error."),
+    }
 }

@@ -2,7 +2,8 @@
 //! event time, processes them in batches and commits.
 //!
 //! - [`topology`]: what `run` needs of the cluster (shared with `validate`).
-//! - [`intake`]: a consumed message → a decoded, routed record of its task.
+//! - [`intake`]: the partitions' own queues, read in turn; a consumed message → a decoded,
+//!   routed record of its task.
 //! - [`merge`]: each task's inputs in event-time order (pure, unit-tested).
 //! - [`rebalance`]: the consumer's callbacks and the restore of assigned partitions.
 //! - [`batch`]: records → state, feature rows, scores, verdicts (no I/O).
@@ -37,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::batch::{model_info, Output, Processor};
 use self::commit::{CommitError, Committer};
-use self::intake::Record;
+use self::intake::{Queues, Record, Wake};
 use self::merge::{Merge, Progress, Queued, INPUTS, NAV, REPARTITION, TX};
 use self::rebalance::{GroupConsumer, GroupContext, Restorer};
 use self::score::Scoring;
@@ -52,7 +53,7 @@ use crate::source::global::GlobalReader;
 use crate::source::{self};
 use crate::state::store::{ENTITY_TTL_MS, EXPIRY_GRACE_MS};
 use crate::state::{Hasher, StateBatch, Store};
-use crate::telemetry::{self, Readiness};
+use crate::telemetry::{self, Readiness, WorkerReadiness};
 
 /// Records of one input partition the merge may hold before its fetching is paused.
 const PAUSE_AT: usize = 50_000;
@@ -130,7 +131,8 @@ fn abort_backoff(aborts: u32) -> Duration {
 /// non-zero, and nothing uncommitted became visible.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     // SIGHUP reloads the model (and would otherwise end the process).
-    let reloads = ReloadHandle::default();
+    let workers = settings.processing.workers;
+    let reloads = ReloadHandle::new(workers);
     {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
@@ -142,7 +144,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             }
         });
     }
-    let readiness = Readiness::default();
+    let readiness = Readiness::new(workers);
     let prometheus = telemetry::install().context("cannot install the metrics recorder")?;
     // Export every counter from the start, at zero, so rates and dashboards work before
     // the first event of each kind.
@@ -248,8 +250,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         shutdown.clone(),
     )
     .context("cannot start the model watcher")?;
-    let decoder = Decoder::new(&settings.input, model.features.requirements())?;
-    let store = Store::open(&settings.state.path)?;
+    let mut stores = Vec::with_capacity(workers);
+    for w in 0..workers {
+        stores.push(Store::open(&settings.state.worker_path(w))?);
+    }
     let secret = settings.state.secret()?;
     if secret == crate::config::DEV_HMAC_SECRET {
         tracing::warn!("USING THE BUILT-IN DEVELOPMENT HMAC KEY (state.development-secret): anyone with the changelog can test identifiers against it. Never with real data.");
@@ -291,9 +295,96 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     global.wait_loaded(&shutdown).await?;
     readiness.set_global_loaded(true);
 
+    // Each worker scores with a model of its own (an ONNX Runtime session serves one
+    // caller at a time): the first is the one loaded and checked above.
+    let mut models = vec![(model, shadow)];
+    for _ in 1..workers {
+        let shadow = match &settings.model.shadow {
+            Some(path) => Some(Model::load(env, path)?),
+            None => None,
+        };
+        models.push((Model::load(env, &settings.model.manifest)?, shadow));
+    }
+    let mut works = Vec::with_capacity(workers);
+    for (w, ((model, shadow), store)) in models.into_iter().zip(stores).enumerate() {
+        let parts = WorkerParts {
+            index: w,
+            settings: &settings,
+            model,
+            shadow,
+            rules: rules.clone(),
+            hasher: hasher.clone(),
+            global: global.tables.clone(),
+            partitions: topology.partitions,
+            dead_letter_max_bytes,
+            store,
+            reloads: reloads.clone(),
+            readiness: readiness.worker(w),
+        };
+        works.push(worker(parts)?);
+    }
+    let mut loops = tokio::task::JoinSet::new();
+    for work in works {
+        let stop = shutdown.clone();
+        loops.spawn_blocking(move || work(&stop));
+    }
+    // Until every worker has stopped; the first to fail stops the others.
+    let mut result = Ok(());
+    while let Some(done) = loops.join_next().await {
+        let done = done.context("a processing thread panicked").and_then(|r| r);
+        if let Err(e) = done {
+            shutdown.cancel();
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+    }
+    shutdown.cancel();
+    drop(global);
+    let _ = http.await;
+    result
+}
+
+/// What a worker is made of: its own model, store and (inside) consumer and producer; the
+/// rest shared.
+struct WorkerParts<'a> {
+    index: usize,
+    settings: &'a Settings,
+    model: Model,
+    shadow: Option<Model>,
+    rules: RuleSet,
+    hasher: Hasher,
+    global: Arc<std::sync::RwLock<crate::state::global::GlobalTables>>,
+    partitions: u32,
+    dead_letter_max_bytes: usize,
+    store: Store,
+    reloads: ReloadHandle,
+    readiness: WorkerReadiness,
+}
+
+/// Makes a worker and joins the group with it; returns its loop, to run on a thread of its
+/// own until `stop`: polls, processes and commits, then the last commit and leaving.
+fn worker(
+    parts: WorkerParts<'_>,
+) -> anyhow::Result<impl FnOnce(&CancellationToken) -> anyhow::Result<()> + Send + 'static> {
+    let WorkerParts {
+        index,
+        settings,
+        model,
+        shadow,
+        rules,
+        hasher,
+        global,
+        partitions,
+        dead_letter_max_bytes,
+        store,
+        reloads,
+        readiness,
+    } = parts;
+    let decoder = Decoder::new(&settings.input, model.features.requirements())?;
     let transactional_id = format!("{}-{}", settings.group_id, store.instance_id()?);
-    tracing::info!(%transactional_id, guarantee = ?settings.processing.guarantee, "Processing guarantee.");
-    let committer = Committer::new(&settings, &transactional_id)?;
+    tracing::info!(worker = index, %transactional_id, guarantee = ?settings.processing.guarantee, "Processing guarantee.");
+    let committer = Committer::new(settings, &transactional_id)?;
     let budget = settings.decision.latency_budget_ms;
     let view = model.view();
     let runner = Runner::start(model, (budget > 0).then(|| Duration::from_millis(budget)))
@@ -304,12 +395,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         (budget > 0).then(|| Duration::from_millis(budget)),
     );
     let processor = Processor::new(
-        &settings,
+        settings,
         view,
         scoring,
         rules,
         hasher,
-        global.tables.clone(),
+        global,
         dead_letter_max_bytes,
     )?;
 
@@ -318,9 +409,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     inputs[NAV] = (!topics.navigation.is_empty()).then(|| topics.navigation.clone());
     inputs[REPARTITION] = Some(settings.repartition_topic());
     inputs[TX] = Some(topics.transactions.clone());
+    let wake = Arc::new(Wake::default());
     let core = Core {
         inputs: inputs.clone(),
-        partitions: topology.partitions,
+        worker: index,
+        partitions,
         max_records: settings.batch.max_records,
         max_wait: Duration::from_millis(settings.batch.max_wait_ms),
         decoder,
@@ -337,8 +430,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         settings: settings.clone(),
         producer_resets: 0,
         aborts: 0,
-        restorer: Restorer::new(&settings)?,
-        readiness: readiness.clone(),
+        restorer: Restorer::new(settings)?,
+        readiness,
         assigned: BTreeSet::new(),
         stream_time: HashMap::new(),
         scanned_at: HashMap::new(),
@@ -346,15 +439,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         committed: HashMap::new(),
         watermarks: HashMap::new(),
         flow_paused: BTreeSet::new(),
+        queues: Queues::new(wake.clone()),
         ready: Vec::new(),
         output: Output::default(),
         processed: HashMap::new(),
         rewind: false,
     };
     let core = Arc::new(Mutex::new(core));
-    let consumer: GroupConsumer = source::client_config(&settings)?
+    let mut consumer: GroupConsumer = source::client_config(settings)?
         .create_with_context(GroupContext { core: core.clone() })
         .map_err(|e| anyhow::anyhow!("cannot create the Kafka consumer: {e}"))?;
+    let woken = wake.clone();
+    consumer.set_nonempty_callback(move || woken.notify());
+    let consumer = Arc::new(consumer);
     let subscribed: Vec<&str> = inputs.iter().flatten().map(String::as_str).collect();
     for t in &subscribed {
         metrics::counter!(telemetry::MESSAGES_CONSUMED, "topic" => t.to_string()).increment(0);
@@ -362,23 +459,27 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     consumer
         .subscribe(&subscribed)
         .context("cannot subscribe")?;
-    tracing::info!(topics = ?subscribed, group = %settings.group_id, "Consuming.");
+    tracing::info!(worker = index, topics = ?subscribed, group = %settings.group_id, "Consuming.");
 
-    let stop = shutdown.clone();
-    let looping = tokio::task::spawn_blocking(move || {
-        let result = process_loop(&consumer, &core, &stop);
+    Ok(move |stop: &CancellationToken| {
+        // Every line the worker logs (its callbacks' too: they run in its polls) says which.
+        let _worker = tracing::info_span!("worker", worker = index).entered();
+        let result = process_loop(&consumer, &core, &wake, stop);
         // Drain: the last commit, then leave the group (its revoke callback finds nothing
         // open), then the store closes with the core. After an error the open transaction
         // may hold half a batch: it is aborted instead.
         let last = {
             let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
-            if result.is_ok() {
+            let last = if result.is_ok() {
                 core.commit(&consumer)
             } else {
                 core.committer.abort();
                 core.state.clear();
                 Ok(())
-            }
+            };
+            // The partition queues hold the consumer: released before it closes.
+            core.queues.clear();
+            last
         };
         match &last {
             Ok(()) if result.is_ok() => tracing::info!("Committed; leaving the group."),
@@ -390,18 +491,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         consumer.unsubscribe();
         drop(consumer);
         result.and(last)
-    });
-    let result = looping.await.context("the processing thread panicked")?;
-    shutdown.cancel();
-    drop(global);
-    let _ = http.await;
-    result
+    })
 }
 
 /// Polls, processes and commits until `shutdown` is cancelled or a fatal error.
 fn process_loop(
-    consumer: &GroupConsumer,
+    consumer: &Arc<GroupConsumer>,
     core: &Mutex<Core>,
+    wake: &Wake,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut msgs: Vec<OwnedMessage> = Vec::new();
@@ -410,20 +507,16 @@ fn process_loop(
         (c.max_records, c.max_wait)
     };
     while !shutdown.is_cancelled() {
-        // Poll without the core: the rebalance callbacks run inside `poll` and take it.
         let wait = core.lock().unwrap_or_else(|e| e.into_inner()).poll_wait();
         msgs.clear();
-        if let Some(r) = consumer.poll(wait) {
-            take(r, &mut msgs);
-            let deadline = Instant::now() + max_wait;
-            while msgs.len() < max_records {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match consumer.poll(left) {
-                    Some(r) => take(r, &mut msgs),
-                    None => break,
-                }
-            }
-        }
+        gather(
+            consumer,
+            core,
+            wake,
+            wait,
+            (max_records, max_wait),
+            &mut msgs,
+        );
         let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
         core.readiness.beat();
         core.accept(msgs.drain(..));
@@ -432,13 +525,46 @@ fn process_loop(
     Ok(())
 }
 
-fn take(
-    r: rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>,
-    into: &mut Vec<OwnedMessage>,
+/// Takes the records of one turn of the loop: waits up to `wait` for the first, then up to
+/// `batch.max-wait-ms` for `batch.max-records`. The consumer's own queue is served first,
+/// without the core: the rebalance callbacks run inside its `poll` and take it.
+fn gather(
+    consumer: &GroupConsumer,
+    core: &Mutex<Core>,
+    wake: &Wake,
+    wait: Duration,
+    (max_records, max_wait): (usize, Duration),
+    msgs: &mut Vec<OwnedMessage>,
 ) {
-    match r {
-        Ok(m) => into.push(m.detach()),
-        Err(e) => tracing::warn!(error = %e, "Consumer error."),
+    let start = Instant::now();
+    let mut fill_until = None;
+    loop {
+        wake.clear();
+        let from = msgs.len();
+        let mut polls = 0;
+        while msgs.len() < max_records && polls < max_records && source::queued_events(consumer) > 0
+        {
+            if let Some(r) = consumer.poll(Duration::ZERO) {
+                intake::take(r, msgs);
+            }
+            polls += 1;
+        }
+        core.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .fill(msgs, from, max_records);
+        if msgs.len() >= max_records {
+            return;
+        }
+        let now = Instant::now();
+        let until = match (msgs.is_empty(), fill_until) {
+            (true, _) => start + wait,
+            (false, Some(until)) => until,
+            (false, None) => *fill_until.insert(now + max_wait),
+        };
+        if now >= until {
+            return;
+        }
+        wake.wait_until(until);
     }
 }
 
@@ -451,6 +577,8 @@ pub fn now_ms() -> i64 {
 
 /// Everything the loop and the rebalance callbacks share.
 pub struct Core {
+    /// Which worker of the process this is.
+    worker: usize,
     /// Input topic names by [`NAV`], [`REPARTITION`], [`TX`]; `None` when not read.
     inputs: [Option<String>; INPUTS],
     /// Partitions of each input.
@@ -474,7 +602,7 @@ pub struct Core {
     /// grows with it.
     aborts: u32,
     restorer: Restorer,
-    readiness: Readiness,
+    readiness: WorkerReadiness,
     assigned: BTreeSet<i32>,
     /// Committed stream time per partition.
     stream_time: HashMap<i32, i64>,
@@ -489,6 +617,8 @@ pub struct Core {
     watermarks: HashMap<(usize, i32), (i64, Instant)>,
     /// Input partitions paused because the merge holds too many of their records.
     flow_paused: BTreeSet<(usize, i32)>,
+    /// Each assigned input partition's own queue.
+    queues: Queues,
     ready: Vec<Queued<Record>>,
     output: Output,
     /// Next offset per (input, partition) processed in the current batch.
@@ -512,6 +642,21 @@ impl Core {
 
     fn input_of(&self, topic: &str) -> Option<usize> {
         self.inputs.iter().position(|t| t.as_deref() == Some(topic))
+    }
+
+    /// Takes records from the partitions' own queues into `msgs`, up to `max`; drops those
+    /// that came through the consumer's queue (from index `from` on) for a partition whose
+    /// queue is split off: fetched before its restore, and read again from the committed
+    /// offset since.
+    fn fill(&mut self, msgs: &mut Vec<OwnedMessage>, from: usize, max: usize) {
+        if msgs.len() > from {
+            let polled = msgs.split_off(from);
+            msgs.extend(polled.into_iter().filter(|m| {
+                self.input_of(m.topic())
+                    .is_none_or(|i| !self.queues.is_split(i, m.partition()))
+            }));
+        }
+        self.queues.fill(msgs, max);
     }
 
     /// Decodes and buffers consumed messages.
@@ -544,7 +689,7 @@ impl Core {
     }
 
     /// One turn of the loop after a poll: restores, the merge, a batch, maybe a commit.
-    fn step(&mut self, consumer: &GroupConsumer) -> anyhow::Result<()> {
+    fn step(&mut self, consumer: &Arc<GroupConsumer>) -> anyhow::Result<()> {
         if self.rewind {
             self.rewind(consumer);
         }
@@ -554,7 +699,7 @@ impl Core {
         if !self.ready.is_empty() {
             // Between batches: a model checked by the watcher takes over here, so that
             // every batch is scored by one model.
-            if let Some(new) = self.reloads.take() {
+            if let Some(new) = self.reloads.take(self.worker) {
                 if let Some(requirements) = self.processor.swap(new)? {
                     self.decoder.set_requirements(requirements);
                 }
@@ -720,6 +865,7 @@ impl Core {
     /// instance's.
     fn forget(&mut self, p: i32) {
         self.assigned.remove(&p);
+        self.queues.drop_partition(p);
         self.merge.drop_partition(p);
         self.state.drop_partition(p);
         self.stream_time.remove(&p);
@@ -807,10 +953,13 @@ impl Core {
     /// being waited for.
     fn flow_control(&mut self, consumer: &GroupConsumer) {
         let inputs = self.inputs.iter().flatten().count();
+        // Shared by the process's workers, then by this worker's input partitions.
         let byte_share = (self.settings.batch.max_buffered_bytes
+            / self.settings.processing.workers.max(1)
             / (self.assigned.len() * inputs).max(1))
         .max(MIN_PARTITION_BYTES);
-        metrics::gauge!(telemetry::MERGE_BUFFERED_BYTES).set(self.merge.buffered_bytes() as f64);
+        metrics::gauge!(telemetry::MERGE_BUFFERED_BYTES, "worker" => self.worker.to_string())
+            .set(self.merge.buffered_bytes() as f64);
         for &p in &self.assigned {
             if self.restorer.is_restoring(p) {
                 continue;

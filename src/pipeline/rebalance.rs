@@ -84,7 +84,11 @@ impl ConsumerContext for GroupContext {
             Rebalance::Error(e) => tracing::warn!(error = %e, "Rebalance failed."),
             Rebalance::Revoke(_) => {}
         }
-        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        // Of every worker of the process.
+        let assigned = {
+            let core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+            core.readiness.assigned_total()
+        };
         metrics::gauge!(ASSIGNED_PARTITIONS).set(assigned as f64);
     }
 }
@@ -229,10 +233,7 @@ impl Core {
     }
 
     /// One bounded step of the restores in progress. Errors are fatal (the store).
-    pub(super) fn restore_step(
-        &mut self,
-        consumer: &BaseConsumer<GroupContext>,
-    ) -> anyhow::Result<()> {
+    pub(super) fn restore_step(&mut self, consumer: &Arc<GroupConsumer>) -> anyhow::Result<()> {
         if self.restorer.plans.is_empty() {
             return Ok(());
         }
@@ -266,11 +267,7 @@ impl Core {
         Ok(())
     }
 
-    fn begin_restore(
-        &mut self,
-        consumer: &BaseConsumer<GroupContext>,
-        p: i32,
-    ) -> anyhow::Result<()> {
+    fn begin_restore(&mut self, consumer: &Arc<GroupConsumer>, p: i32) -> anyhow::Result<()> {
         // 1. Committed offsets: stable ones only (the broker waits for an open transaction).
         let mut tpl = TopicPartitionList::new();
         for t in self.inputs.iter().flatten() {
@@ -391,11 +388,7 @@ impl Core {
         Ok(())
     }
 
-    fn finish_restore(
-        &mut self,
-        consumer: &BaseConsumer<GroupContext>,
-        p: i32,
-    ) -> anyhow::Result<()> {
+    fn finish_restore(&mut self, consumer: &Arc<GroupConsumer>, p: i32) -> anyhow::Result<()> {
         if let Some(Plan::Reading {
             started,
             applied,
@@ -419,10 +412,14 @@ impl Core {
         if let Some(t) = self.store.stream_time(p)? {
             self.stream_time.insert(p, t);
         }
-        // From the committed offsets: anything fetched before the pause was dropped.
+        // Its own queues, then from the committed offsets: anything fetched before the pause
+        // is dropped.
         let mut tpl = TopicPartitionList::new();
         for (i, t) in self.inputs.iter().enumerate() {
             let Some(t) = t else { continue };
+            if !self.queues.split(consumer, i, t, p) {
+                tracing::warn!(topic = %t, partition = p, "No queue of its own for this partition; reading it through the consumer's.");
+            }
             let at = match self.committed.get(&(i, p)) {
                 Some(&o) => Offset::Offset(o),
                 None => Offset::Beginning,

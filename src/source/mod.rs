@@ -136,6 +136,26 @@ pub fn position<C: rdkafka::consumer::ConsumerContext>(
     }
 }
 
+/// Events and records waiting in the consumer's own queue (rebalances, errors, statistics,
+/// and the records of partitions whose queue is not split off). `poll` with no timeout
+/// returns `None` both for an empty queue and after serving an event, so this is how the
+/// caller knows the queue is drained.
+pub fn queued_events<C: rdkafka::consumer::ConsumerContext>(consumer: &impl Consumer<C>) -> usize {
+    use rdkafka::bindings as rd;
+    // SAFETY: the client pointer is valid for the consumer's lifetime;
+    // rd_kafka_queue_get_consumer returns a new reference to its queue (or null without a
+    // group), which is released before returning.
+    unsafe {
+        let queue = rd::rd_kafka_queue_get_consumer(consumer.client().native_ptr());
+        if queue.is_null() {
+            return 0;
+        }
+        let n = rd::rd_kafka_queue_length(queue);
+        rd::rd_kafka_queue_destroy(queue);
+        n
+    }
+}
+
 /// Waits until the brokers answer a metadata request, retrying with backoff; returns the
 /// cluster's metadata.
 pub async fn wait_for_metadata(

@@ -197,25 +197,36 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
 
 /// What `/readyz` and `/healthz` report, kept current by the pipeline.
 ///
-/// Ready once the instance has joined its group (its first assignment, possibly empty, is
+/// Ready once every worker has joined its group (its first assignment, possibly empty, is
 /// done), no restore is in progress and the global tables are loaded: an instance without
-/// partitions is ready (a spare, which a rolling update needs). Healthy while the processing
-/// loop turns: it turns at least every 100 ms, so one that has not for
-/// `metrics.stall-timeout-ms` is stuck and should be restarted.
-#[derive(Clone, Default)]
+/// partitions is ready (a spare, which a rolling update needs). Healthy while every
+/// worker's processing loop turns: each turns at least every 100 ms, so one that has not for
+/// `metrics.stall-timeout-ms` is stuck and the instance should be restarted.
+#[derive(Clone)]
 pub struct Readiness(Arc<ReadinessInner>);
 
-#[derive(Default)]
 pub struct ReadinessInner {
+    global_loaded: AtomicBool,
+    workers: Vec<WorkerState>,
+}
+
+#[derive(Default)]
+struct WorkerState {
     /// The first assignment is done.
     started: AtomicBool,
-    /// Partitions assigned here (informational).
+    /// Partitions assigned to the worker (informational).
     assigned: std::sync::atomic::AtomicUsize,
     /// Assigned partitions whose state is not restored yet.
     restoring: std::sync::atomic::AtomicUsize,
-    global_loaded: AtomicBool,
     /// When the processing loop last turned (ms since the epoch; 0: not started).
     beat_ms: std::sync::atomic::AtomicI64,
+}
+
+/// One worker's part of the [`Readiness`].
+#[derive(Clone)]
+pub struct WorkerReadiness {
+    all: Readiness,
+    index: usize,
 }
 
 fn now_ms() -> i64 {
@@ -225,21 +236,62 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-impl Readiness {
-    /// An assignment was applied: `partitions` are assigned now.
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness::new(1)
+    }
+}
+
+impl WorkerReadiness {
+    fn state(&self) -> &WorkerState {
+        &self.all.0.workers[self.index]
+    }
+    /// An assignment was applied: `partitions` are assigned to this worker now.
     pub fn set_assigned(&self, partitions: usize) {
-        self.0.assigned.store(partitions, Ordering::Relaxed);
-        self.0.started.store(true, Ordering::Relaxed);
+        self.state().assigned.store(partitions, Ordering::Relaxed);
+        self.state().started.store(true, Ordering::Relaxed);
     }
     pub fn set_restoring(&self, partitions: usize) {
-        self.0.restoring.store(partitions, Ordering::Relaxed);
+        self.state().restoring.store(partitions, Ordering::Relaxed);
     }
+    /// The worker's processing loop turned.
+    pub fn beat(&self) {
+        self.state().beat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+    /// Partitions assigned to all workers.
+    pub fn assigned_total(&self) -> usize {
+        self.all.sum(|w| &w.assigned)
+    }
+}
+
+impl Readiness {
+    pub fn new(workers: usize) -> Readiness {
+        Readiness(Arc::new(ReadinessInner {
+            global_loaded: AtomicBool::new(false),
+            workers: (0..workers.max(1))
+                .map(|_| WorkerState::default())
+                .collect(),
+        }))
+    }
+
+    pub fn worker(&self, index: usize) -> WorkerReadiness {
+        assert!(index < self.0.workers.len(), "no worker {index}");
+        WorkerReadiness {
+            all: self.clone(),
+            index,
+        }
+    }
+
     pub fn set_global_loaded(&self, loaded: bool) {
         self.0.global_loaded.store(loaded, Ordering::Relaxed);
     }
-    /// The processing loop turned.
-    pub fn beat(&self) {
-        self.0.beat_ms.store(now_ms(), Ordering::Relaxed);
+
+    fn sum(&self, field: impl Fn(&WorkerState) -> &std::sync::atomic::AtomicUsize) -> usize {
+        self.0
+            .workers
+            .iter()
+            .map(|w| field(w).load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Whether ready, and the condition, in words.
@@ -248,17 +300,17 @@ impl Readiness {
         if !i.global_loaded.load(Ordering::Relaxed) {
             return (false, "not ready: loading the global tables".into());
         }
-        if !i.started.load(Ordering::Relaxed) {
+        if !i.workers.iter().all(|w| w.started.load(Ordering::Relaxed)) {
             return (false, "not ready: joining the consumer group".into());
         }
-        let restoring = i.restoring.load(Ordering::Relaxed);
+        let restoring = self.sum(|w| &w.restoring);
         if restoring > 0 {
             return (
                 false,
                 format!("not ready: restoring the state of {restoring} partition(s)"),
             );
         }
-        let assigned = i.assigned.load(Ordering::Relaxed);
+        let assigned = self.sum(|w| &w.assigned);
         if assigned == 0 {
             return (true, "ready: no partitions assigned (a spare)".into());
         }
@@ -268,13 +320,20 @@ impl Readiness {
         )
     }
 
-    /// Whether the processing loop has turned within `stall`, and what it last did.
+    /// Whether every processing loop has turned within `stall`, and what the slowest last
+    /// did.
     pub fn healthy(&self, stall: Duration) -> (bool, String) {
-        let beat = self.0.beat_ms.load(Ordering::Relaxed);
-        if beat == 0 {
+        let beats: Vec<i64> = self
+            .0
+            .workers
+            .iter()
+            .map(|w| w.beat_ms.load(Ordering::Relaxed))
+            .collect();
+        if beats.iter().all(|&b| b == 0) {
             return (true, "ok: starting".into());
         }
-        let since = now_ms().saturating_sub(beat);
+        let oldest = beats.iter().copied().filter(|&b| b > 0).min().unwrap_or(0);
+        let since = now_ms().saturating_sub(oldest);
         if since as u128 > stall.as_millis() {
             (
                 false,
