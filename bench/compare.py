@@ -4,7 +4,9 @@ the Markdown table.
 
 Systems (`--systems`, run one after another on the same broker, data and machine):
 - `fraudstream-eos`, `fraudstream-alo`: the release binary (bench/e2e.py's `Scorer`,
-  docs/fraudstream.toml) under exactly-once and at-least-once;
+  docs/fraudstream.toml) under exactly-once and at-least-once, with two workers
+  (`processing.workers`) as the Kafka Streams peer has two stream threads; `-w1`: one worker
+  (not in the default run);
 - `streams-eos`, `streams-alo`: the Kafka Streams peer (bench/peers/kafka-streams/run) under
   exactly_once_v2 and at_least_once;
 - `http`: the HTTP scoring peer (bench/peers/http/run), whose own figures are merged.
@@ -49,12 +51,12 @@ import e2e  # noqa: E402
 from e2e import REPO, Reader, Scorer, pct, perf_test, proc_cpu, system_cpu, system_hwm, wait_answered  # noqa: E402
 
 SYSTEMS = {
+    # Two workers (processing.workers = 2), as the Kafka Streams peer has two stream threads.
     "fraudstream-eos": ("fraudstream", "exactly-once"),
     "fraudstream-alo": ("fraudstream", "at-least-once"),
-    # Two instances in one group on the one machine: a processing thread each, as the Kafka
-    # Streams peer has two stream threads. Not in the default run.
-    "fraudstream-eos-x2": ("fraudstream", "exactly-once"),
-    "fraudstream-alo-x2": ("fraudstream", "at-least-once"),
+    # One worker, one processing thread. Not in the default run.
+    "fraudstream-eos-w1": ("fraudstream", "exactly-once"),
+    "fraudstream-alo-w1": ("fraudstream", "at-least-once"),
     "streams-eos": ("streams", "exactly_once_v2"),
     "streams-alo": ("streams", "at_least_once"),
     "http": ("http", None),
@@ -117,7 +119,8 @@ def make_system(args, name, kind, guarantee, run):
     if kind == "fraudstream":
         a = copy.copy(args)
         a.guarantee = guarantee
-        return Scorer(a, run, args.partitions, instances=2 if name.endswith("-x2") else 1)
+        a.workers = 1 if name.endswith("-w1") else 2
+        return Scorer(a, run, args.partitions)
     return StreamsPeer(args, run, guarantee)
 
 
@@ -415,7 +418,7 @@ def main():
     ap.add_argument("--payloads", required=True, help="directory of gen_payloads.py's files")
     ap.add_argument("--peer-run", default=os.path.join(REPO, "bench", "peers", "kafka-streams", "run"))
     ap.add_argument("--http-run", default=os.path.join(REPO, "bench", "peers", "http", "run"))
-    ap.add_argument("--systems", default=",".join(n for n in SYSTEMS if not n.endswith("-x2")))
+    ap.add_argument("--systems", default=",".join(n for n in SYSTEMS if not n.endswith("-w1")))
     ap.add_argument("--backlog", type=int, default=1_000_000, help="transactions in each backlog")
     ap.add_argument("--navigation-per-tx", type=int, default=10,
                     help="navigation events per transaction in the second backlog (0: no second backlog)")

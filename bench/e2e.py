@@ -91,8 +91,9 @@ def perf_test(args, topic, records, rate, payload):
 
 
 class Scorer:
-    """fraudstream on its own topics and group: `instances` processes in that group (one
-    processing thread each), each with its own state directory and metrics port."""
+    """fraudstream on its own topics and group: `instances` processes in that group, each with
+    `args.workers` processing loops (processing.workers), its own state directory and metrics
+    port."""
 
     def __init__(self, args, run, partitions, instances=1):
         self.run = run
@@ -126,6 +127,7 @@ class Scorer:
                        FRAUDSTREAM__TOPICS__BLOCKLIST=self.topics["blocklist"],
                        FRAUDSTREAM__METRICS__LISTEN=endpoint,
                        FRAUDSTREAM__PROCESSING__GUARANTEE=self.args.guarantee,
+                       FRAUDSTREAM__PROCESSING__WORKERS=str(getattr(self.args, "workers", 1)),
                        FRAUDSTREAM__STATE__PATH=state,
                        FRAUDSTREAM__STATE__HMAC_SECRET=self.secret, RUST_LOG="warn")
             self.procs.append(subprocess.Popen([self.args.bin, "run", "--config", "docs/fraudstream.toml"],
@@ -319,6 +321,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--guarantee", default="exactly-once", choices=["exactly-once", "at-least-once"])
+    ap.add_argument("--workers", type=int, default=1, help="processing.workers of the scorer")
     ap.add_argument("--navigation", action=argparse.BooleanOptionalAction, default=True,
                     help="navigation events beside the transactions (default on)")
     ap.add_argument("--out", default="bench/results")
