@@ -8,7 +8,10 @@
 //! counted, and the one in service keeps scoring. A checked model waits in the slot until the
 //! pipeline finishes its current batch: every batch is scored by one model, and each verdict
 //! names it. With several workers (`processing.workers`), each gets a copy of its own (an
-//! ONNX Runtime session serves one caller at a time), loaded and checked by the watcher. The guarantee and its limit: no transaction is dropped or scored twice by a
+//! ONNX Runtime session serves one caller at a time), loaded and checked by the watcher, and
+//! takes it at its own next batch boundary: for that moment the partitions of different
+//! workers are scored by different models (each verdict names its own; per partition the
+//! order holds). The guarantee and its limit: no transaction is dropped or scored twice by a
 //! swap, but a batch re-delivered after a crash is scored by whichever model is in service
 //! then.
 

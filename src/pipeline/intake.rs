@@ -23,6 +23,7 @@ use super::merge::{Queued, NAV, REPARTITION, TX};
 use super::rebalance::{GroupConsumer, GroupContext};
 use crate::decode::{DecodeError, Decoder, NavigationEvent, Transaction};
 use crate::source::partitioner::partition_for;
+use crate::source::PartitionQueueLength;
 
 /// Header of a repartitioned record: `transaction` or `navigation`.
 pub const KIND_HEADER: &str = "fraudstream.kind";
@@ -172,8 +173,12 @@ impl Wake {
 
 /// The assigned input partitions' own queues, read in turn.
 pub struct Queues {
-    /// By (input, partition).
-    queues: Vec<((usize, i32), PartitionQueue<GroupContext>)>,
+    /// By (input, partition), with the queue's length.
+    queues: Vec<(
+        (usize, i32),
+        PartitionQueue<GroupContext>,
+        PartitionQueueLength,
+    )>,
     /// Which queue goes first in the next [`Queues::fill`].
     turn: usize,
     /// Queues found empty in the current fill.
@@ -203,23 +208,26 @@ impl Queues {
         topic: &str,
         p: i32,
     ) -> bool {
-        self.queues.retain(|(k, _)| *k != (input, p));
+        self.queues.retain(|(k, _, _)| *k != (input, p));
         let Some(mut queue) = consumer.split_partition_queue(topic, p) else {
+            return false;
+        };
+        let Some(length) = PartitionQueueLength::new(consumer.as_ref(), topic, p) else {
             return false;
         };
         let wake = self.wake.clone();
         queue.set_nonempty_callback(move || wake.notify());
-        self.queues.push(((input, p), queue));
+        self.queues.push(((input, p), queue, length));
         true
     }
 
     pub fn is_split(&self, input: usize, p: i32) -> bool {
-        self.queues.iter().any(|(k, _)| *k == (input, p))
+        self.queues.iter().any(|(k, _, _)| *k == (input, p))
     }
 
     /// Drops a revoked partition's queues.
     pub fn drop_partition(&mut self, p: i32) {
-        self.queues.retain(|((_, q), _)| *q != p);
+        self.queues.retain(|((_, q), _, _)| *q != p);
     }
 
     /// Drops every queue (they hold the consumer: before it is closed).
@@ -229,7 +237,8 @@ impl Queues {
 
     /// Moves records into `into` until it holds `max` or every queue is empty: an equal
     /// share of what is left from each queue in turn, the first turn going round the queues
-    /// from one call to the next.
+    /// from one call to the next. A queue is empty when its length says so: `poll` also
+    /// returns `None` after serving a transaction marker, with records behind it.
     pub fn fill(&mut self, into: &mut Vec<OwnedMessage>, max: usize) {
         let n = self.queues.len();
         if n == 0 || into.len() >= max {
@@ -247,13 +256,14 @@ impl Queues {
                 if self.empty[i] {
                     continue;
                 }
-                let queue = &self.queues[i].1;
+                let (_, queue, length) = &self.queues[i];
                 for _ in 0..share {
                     if into.len() >= max {
                         return;
                     }
                     match queue.poll(Duration::ZERO) {
                         Some(r) => take(r, into),
+                        None if length.get() > 0 => {}
                         None => {
                             self.empty[i] = true;
                             open -= 1;

@@ -431,6 +431,9 @@ fn worker(
         producer_resets: 0,
         aborts: 0,
         restorer: Restorer::new(settings)?,
+        offsets: source::side_client_config(settings, "offsets")?
+            .create()
+            .map_err(|e| anyhow::anyhow!("cannot create the Kafka client for end offsets: {e}"))?,
         readiness,
         assigned: BTreeSet::new(),
         stream_time: HashMap::new(),
@@ -446,7 +449,9 @@ fn worker(
         rewind: false,
     };
     let core = Arc::new(Mutex::new(core));
-    let mut consumer: GroupConsumer = source::client_config(settings)?
+    // Each input partition it may be given has a queue of its own (`intake`).
+    let partition_queues = inputs.iter().flatten().count() * partitions as usize;
+    let mut consumer: GroupConsumer = source::group_consumer_config(settings, partition_queues)?
         .create_with_context(GroupContext { core: core.clone() })
         .map_err(|e| anyhow::anyhow!("cannot create the Kafka consumer: {e}"))?;
     let woken = wake.clone();
@@ -602,6 +607,10 @@ pub struct Core {
     /// grows with it.
     aborts: u32,
     restorer: Restorer,
+    /// Asks the broker for partitions' end offsets on a connection of its own: the group
+    /// consumer's may be holding a fetch for up to `fetch.wait.max.ms`, and a request sent
+    /// behind it waits as long.
+    offsets: BaseConsumer,
     readiness: WorkerReadiness,
     assigned: BTreeSet<i32>,
     /// Committed stream time per partition.
@@ -718,6 +727,7 @@ impl Core {
         self.ready.clear();
         let mut progress = ConsumerProgress {
             consumer,
+            offsets: &self.offsets,
             inputs: &self.inputs,
             next_offset: &self.next_offset,
             watermarks: &mut self.watermarks,
@@ -990,6 +1000,7 @@ impl Core {
 /// Whether an input partition is read to its end, as the consumer knows it.
 struct ConsumerProgress<'a> {
     consumer: &'a GroupConsumer,
+    offsets: &'a BaseConsumer,
     inputs: &'a [Option<String>; INPUTS],
     next_offset: &'a HashMap<(usize, i32), i64>,
     watermarks: &'a mut HashMap<(usize, i32), (i64, Instant)>,
@@ -1000,7 +1011,8 @@ impl Progress for ConsumerProgress<'_> {
     /// has reached the partition's end. The end is librdkafka's high watermark from its
     /// last fetch response; failing that (before the first fetch, or while a transaction
     /// upstream is open, when the high watermark is past what `read_committed` may read),
-    /// the last stable offset asked of the broker, at most every [`WATERMARK_TTL`].
+    /// the last stable offset asked of the broker (by a client of its own), at most every
+    /// [`WATERMARK_TTL`].
     fn caught_up(&mut self, input: usize, p: i32) -> bool {
         let Some(topic) = &self.inputs[input] else {
             return true;
@@ -1021,7 +1033,7 @@ impl Progress for ConsumerProgress<'_> {
             }
         }
         match self
-            .consumer
+            .offsets
             .fetch_watermarks(topic, p, Duration::from_secs(2))
         {
             Ok((_, high)) => {

@@ -60,9 +60,6 @@ pub fn client_config(settings: &Settings) -> anyhow::Result<ClientConfig> {
         // Partition p of every input (transactions, navigation, repartition) must go to the
         // same instance: the range assignor does that for co-partitioned topics.
         .set("partition.assignment.strategy", "range");
-    // queued.min.messages stays librdkafka's (100,000 per partition): a shallow prefetch
-    // keeps one input's backlog from sitting in front of the other's in librdkafka's single
-    // delivery queue (fewer merge waits under lag), at a cost in throughput.
     for (k, v) in settings.kafka.iter().chain(&settings.kafka_consumer) {
         c.set(k, v.resolve(k)?);
     }
@@ -72,6 +69,34 @@ pub fn client_config(settings: &Settings) -> anyhow::Result<ClientConfig> {
     c.set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed");
+    Ok(c)
+}
+
+/// Prefetch limits of librdkafka that hold per partition once each partition has a queue of
+/// its own (the group consumer's: `pipeline::intake`), with their defaults for the
+/// consumer's one queue.
+const PREFETCH: [(&str, usize, usize); 2] = [
+    ("queued.max.messages.kbytes", 65_536, 1_024),
+    ("queued.min.messages", 100_000, 1_000),
+];
+
+/// The group consumer's configuration: [`client_config`], and librdkafka's prefetch limits
+/// (64 MiB, 100,000 messages), which apply per partition queue, divided among the
+/// `partition_queues` it may read (at least 1 MiB and 1,000 messages each), unless
+/// `[kafka]` or `[kafka-consumer]` sets them.
+pub fn group_consumer_config(
+    settings: &Settings,
+    partition_queues: usize,
+) -> anyhow::Result<ClientConfig> {
+    let mut c = client_config(settings)?;
+    for (key, total, least) in PREFETCH {
+        if !settings.kafka.contains_key(key) && !settings.kafka_consumer.contains_key(key) {
+            c.set(
+                key,
+                (total / partition_queues.max(1)).max(least).to_string(),
+            );
+        }
+    }
     Ok(c)
 }
 
@@ -153,6 +178,46 @@ pub fn queued_events<C: rdkafka::consumer::ConsumerContext>(consumer: &impl Cons
         let n = rd::rd_kafka_queue_length(queue);
         rd::rd_kafka_queue_destroy(queue);
         n
+    }
+}
+
+/// A reference to one partition's librdkafka fetch queue, for its length: what a split
+/// partition queue holds (records, and transaction markers, which `poll` serves and
+/// returns `None` for).
+pub struct PartitionQueueLength(std::ptr::NonNull<rdkafka::bindings::rd_kafka_queue_t>);
+
+// SAFETY: librdkafka queues are thread-safe; the reference is only read and released.
+unsafe impl Send for PartitionQueueLength {}
+
+impl PartitionQueueLength {
+    pub fn new<C: rdkafka::consumer::ConsumerContext>(
+        consumer: &impl Consumer<C>,
+        topic: &str,
+        partition: i32,
+    ) -> Option<PartitionQueueLength> {
+        let topic = std::ffi::CString::new(topic).ok()?;
+        // SAFETY: the client pointer is valid for the consumer's lifetime and `topic` for the
+        // call; the queue returned is a new reference, released in `drop`.
+        let queue = unsafe {
+            rdkafka::bindings::rd_kafka_queue_get_partition(
+                consumer.client().native_ptr(),
+                topic.as_ptr(),
+                partition,
+            )
+        };
+        std::ptr::NonNull::new(queue).map(PartitionQueueLength)
+    }
+
+    pub fn get(&self) -> usize {
+        // SAFETY: the reference is held until `drop`.
+        unsafe { rdkafka::bindings::rd_kafka_queue_length(self.0.as_ptr()) }
+    }
+}
+
+impl Drop for PartitionQueueLength {
+    fn drop(&mut self) {
+        // SAFETY: releases the reference taken in `new`, once.
+        unsafe { rdkafka::bindings::rd_kafka_queue_destroy(self.0.as_ptr()) }
     }
 }
 
