@@ -209,10 +209,11 @@ impl Queues {
         p: i32,
     ) -> bool {
         self.queues.retain(|(k, _, _)| *k != (input, p));
-        let Some(mut queue) = consumer.split_partition_queue(topic, p) else {
+        // The length first: once split, the partition's records reach only this queue.
+        let Some(length) = PartitionQueueLength::new(consumer.as_ref(), topic, p) else {
             return false;
         };
-        let Some(length) = PartitionQueueLength::new(consumer.as_ref(), topic, p) else {
+        let Some(mut queue) = consumer.split_partition_queue(topic, p) else {
             return false;
         };
         let wake = self.wake.clone();
