@@ -23,7 +23,7 @@ use super::merge::{Queued, NAV, REPARTITION, TX};
 use super::rebalance::{GroupConsumer, GroupContext};
 use crate::decode::{DecodeError, Decoder, NavigationEvent, Transaction};
 use crate::source::partitioner::partition_for;
-use crate::source::PartitionQueueLength;
+use crate::source::QueueLength;
 
 /// Header of a repartitioned record: `transaction` or `navigation`.
 pub const KIND_HEADER: &str = "fraudstream.kind";
@@ -174,11 +174,7 @@ impl Wake {
 /// The assigned input partitions' own queues, read in turn.
 pub struct Queues {
     /// By (input, partition), with the queue's length.
-    queues: Vec<(
-        (usize, i32),
-        PartitionQueue<GroupContext>,
-        PartitionQueueLength,
-    )>,
+    queues: Vec<((usize, i32), PartitionQueue<GroupContext>, QueueLength)>,
     /// Which queue goes first in the next [`Queues::fill`].
     turn: usize,
     /// Queues found empty in the current fill.
@@ -210,7 +206,7 @@ impl Queues {
     ) -> bool {
         self.queues.retain(|(k, _, _)| *k != (input, p));
         // The length first: once split, the partition's records reach only this queue.
-        let Some(length) = PartitionQueueLength::new(consumer.as_ref(), topic, p) else {
+        let Some(length) = QueueLength::partition(consumer.as_ref(), topic, p) else {
             return false;
         };
         let Some(mut queue) = consumer.split_partition_queue(topic, p) else {

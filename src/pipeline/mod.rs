@@ -507,6 +507,7 @@ fn process_loop(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut msgs: Vec<OwnedMessage> = Vec::new();
+    let events = source::QueueLength::consumer(consumer.as_ref());
     let (max_records, max_wait) = {
         let c = core.lock().unwrap_or_else(|e| e.into_inner());
         (c.max_records, c.max_wait)
@@ -516,6 +517,7 @@ fn process_loop(
         msgs.clear();
         gather(
             consumer,
+            events.as_ref(),
             core,
             wake,
             wait,
@@ -532,9 +534,11 @@ fn process_loop(
 
 /// Takes the records of one turn of the loop: waits up to `wait` for the first, then up to
 /// `batch.max-wait-ms` for `batch.max-records`. The consumer's own queue is served first,
-/// without the core: the rebalance callbacks run inside its `poll` and take it.
+/// without the core: the rebalance callbacks run inside its `poll` and take it; `events` is
+/// its length (`None`: nothing to serve there).
 fn gather(
     consumer: &GroupConsumer,
+    events: Option<&source::QueueLength>,
     core: &Mutex<Core>,
     wake: &Wake,
     wait: Duration,
@@ -547,7 +551,7 @@ fn gather(
         wake.clear();
         let from = msgs.len();
         let mut polls = 0;
-        while msgs.len() < max_records && polls < max_records && source::queued_events(consumer) > 0
+        while msgs.len() < max_records && polls < max_records && events.is_some_and(|q| q.get() > 0)
         {
             if let Some(r) = consumer.poll(Duration::ZERO) {
                 intake::take(r, msgs);

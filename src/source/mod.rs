@@ -161,40 +161,38 @@ pub fn position<C: rdkafka::consumer::ConsumerContext>(
     }
 }
 
-/// Events and records waiting in the consumer's own queue (rebalances, errors, statistics,
-/// and the records of partitions whose queue is not split off). `poll` with no timeout
-/// returns `None` both for an empty queue and after serving an event, so this is how the
-/// caller knows the queue is drained.
-pub fn queued_events<C: rdkafka::consumer::ConsumerContext>(consumer: &impl Consumer<C>) -> usize {
-    use rdkafka::bindings as rd;
-    // SAFETY: the client pointer is valid for the consumer's lifetime;
-    // rd_kafka_queue_get_consumer returns a new reference to its queue (or null without a
-    // group), which is released before returning.
-    unsafe {
-        let queue = rd::rd_kafka_queue_get_consumer(consumer.client().native_ptr());
-        if queue.is_null() {
-            return 0;
-        }
-        let n = rd::rd_kafka_queue_length(queue);
-        rd::rd_kafka_queue_destroy(queue);
-        n
-    }
-}
-
-/// A reference to one partition's librdkafka fetch queue, for its length: what a split
-/// partition queue holds (records, and transaction markers, which `poll` serves and
-/// returns `None` for).
-pub struct PartitionQueueLength(std::ptr::NonNull<rdkafka::bindings::rd_kafka_queue_t>);
+/// A reference to one of a consumer's librdkafka queues, for its length.
+///
+/// - [`QueueLength::consumer`]: the consumer's own queue: events (rebalances, errors,
+///   statistics) and the records of partitions whose queue is not split off. `poll` with
+///   no timeout returns `None` both for an empty queue and after serving an event, so its
+///   length is how the caller knows the queue is drained.
+/// - [`QueueLength::partition`]: a partition's fetch queue: what a split partition queue
+///   holds (records, and transaction markers, which `poll` serves and returns `None` for).
+pub struct QueueLength(std::ptr::NonNull<rdkafka::bindings::rd_kafka_queue_t>);
 
 // SAFETY: librdkafka queues are thread-safe; the reference is only read and released.
-unsafe impl Send for PartitionQueueLength {}
+unsafe impl Send for QueueLength {}
 
-impl PartitionQueueLength {
-    pub fn new<C: rdkafka::consumer::ConsumerContext>(
+impl QueueLength {
+    /// The consumer's queue; `None` for a consumer without a group.
+    pub fn consumer<C: rdkafka::consumer::ConsumerContext>(
+        consumer: &impl Consumer<C>,
+    ) -> Option<QueueLength> {
+        // SAFETY: the client pointer is valid for the consumer's lifetime; the queue
+        // returned is a new reference (or null without a group), released in `drop`.
+        let queue = unsafe {
+            rdkafka::bindings::rd_kafka_queue_get_consumer(consumer.client().native_ptr())
+        };
+        std::ptr::NonNull::new(queue).map(QueueLength)
+    }
+
+    /// `topic`'s partition `partition`; `None` when librdkafka has no queue for it.
+    pub fn partition<C: rdkafka::consumer::ConsumerContext>(
         consumer: &impl Consumer<C>,
         topic: &str,
         partition: i32,
-    ) -> Option<PartitionQueueLength> {
+    ) -> Option<QueueLength> {
         let topic = std::ffi::CString::new(topic).ok()?;
         // SAFETY: the client pointer is valid for the consumer's lifetime and `topic` for the
         // call; the queue returned is a new reference, released in `drop`.
@@ -205,7 +203,7 @@ impl PartitionQueueLength {
                 partition,
             )
         };
-        std::ptr::NonNull::new(queue).map(PartitionQueueLength)
+        std::ptr::NonNull::new(queue).map(QueueLength)
     }
 
     pub fn get(&self) -> usize {
@@ -214,9 +212,9 @@ impl PartitionQueueLength {
     }
 }
 
-impl Drop for PartitionQueueLength {
+impl Drop for QueueLength {
     fn drop(&mut self) {
-        // SAFETY: releases the reference taken in `new`, once.
+        // SAFETY: releases the reference taken at construction, once.
         unsafe { rdkafka::bindings::rd_kafka_queue_destroy(self.0.as_ptr()) }
     }
 }
