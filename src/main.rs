@@ -9,6 +9,13 @@ use tokio_util::sync::CancellationToken;
 
 use fraudstream::config::Settings;
 
+/// The scorer allocates small, short-lived values per event (decoded records, verdicts,
+/// Kafka messages) from several threads; glibc's allocator spent a fifth of the scorer's CPU
+/// on them (bench/RESULTS.md, "Where the time goes"). mimalloc serves them from per-thread
+/// free lists.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "fraudstream",
