@@ -19,7 +19,7 @@ COMPONENTS = [
     ("librdkafka (client threads, protocol)", lambda d, s: s.startswith(("rd_", "rd_kafka", "rdk", "tinycthread", "cnd_", "mtx_", "thrd_"))),
     ("compression, checksums (lz4, zstd, crc32c)", lambda d, s: re.search(r"lz4|zstd|ZSTD|LZ4|crc32|snappy", s) is not None),
     ("RocksDB (state store)", lambda d, s: "rocksdb" in s.lower()),
-    ("allocator (malloc, free)", lambda d, s: re.search(r"malloc|free|realloc|calloc|_int_|tcache|arena", s) is not None and "libc" in d),
+    ("allocator (malloc, free)", lambda d, s: (re.search(r"malloc|free|realloc|calloc|_int_|tcache|arena", s) is not None and "libc" in d) or s.startswith(("mi_", "_mi_"))),
     ("memcpy, memmove, memset", lambda d, s: re.search(r"mem(cpy|move|set|cmp)", s) is not None),
     ("JSON (serde_json)", lambda d, s: "serde_json" in s or "zmij" in s or "itoa" in s),
     ("Avro (apache_avro)", lambda d, s: "apache_avro" in s),
