@@ -62,17 +62,13 @@ def proc_hwm(pid):
     return 0
 
 
-def system_pids(system):
-    """The processes of a system: every instance of a Scorer, else its one process."""
-    return [p.pid for p in getattr(system, "procs", None) or [system.proc]]
-
-
 def system_cpu(system):
-    return sum(proc_cpu(pid) for pid in system_pids(system))
+    """CPU seconds of a system's process (a Scorer, or a peer)."""
+    return proc_cpu(system.proc.pid)
 
 
 def system_hwm(system):
-    return sum(proc_hwm(pid) for pid in system_pids(system))
+    return proc_hwm(system.proc.pid)
 
 
 def kafka_tool(name, *tool_args):
@@ -91,11 +87,10 @@ def perf_test(args, topic, records, rate, payload):
 
 
 class Scorer:
-    """fraudstream on its own topics and group: `instances` processes in that group, each with
-    `args.workers` processing loops (processing.workers), its own state directory and metrics
-    port."""
+    """fraudstream on its own topics and group: one process with `args.workers` processing
+    loops (processing.workers), its own state directory and metrics port."""
 
-    def __init__(self, args, run, partitions, instances=1):
+    def __init__(self, args, run, partitions):
         self.run = run
         self.topics = {t: f"{run}-{t}" for t in ("transactions", "navigation", "verdicts", "dlq", "labels", "blocklist")}
         admin = AdminClient({"bootstrap.servers": args.bootstrap})
@@ -103,54 +98,43 @@ class Scorer:
                                   for t, name in self.topics.items()])
         for f in fs.values():
             f.result()
-        self.endpoints = []
-        for _ in range(instances):
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                self.endpoints.append(f"127.0.0.1:{sock.getsockname()[1]}")
-        self.metrics = self.endpoints[0]
-        # One key for the group: the instances read each other's changelog.
-        self.secret = os.urandom(16).hex()
-        self.args, self.proc, self.procs = args, None, []
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.metrics = f"127.0.0.1:{sock.getsockname()[1]}"
+        self.args, self.proc = args, None
 
     def start(self):
         self.log = open(f"/tmp/{self.run}.log", "w")
-        for i, endpoint in enumerate(self.endpoints):
-            state = f"/tmp/{self.run}-state" + (f"/{i}" if len(self.endpoints) > 1 else "")
-            env = dict(os.environ,
-                       FRAUDSTREAM__BROKERS=self.args.bootstrap, FRAUDSTREAM__GROUP_ID=self.run,
-                       FRAUDSTREAM__TOPICS__TRANSACTIONS=self.topics["transactions"],
-                       FRAUDSTREAM__TOPICS__NAVIGATION=self.topics["navigation"],
-                       FRAUDSTREAM__TOPICS__VERDICTS=self.topics["verdicts"],
-                       FRAUDSTREAM__TOPICS__DEAD_LETTER=self.topics["dlq"],
-                       FRAUDSTREAM__TOPICS__LABELS=self.topics["labels"],
-                       FRAUDSTREAM__TOPICS__BLOCKLIST=self.topics["blocklist"],
-                       FRAUDSTREAM__METRICS__LISTEN=endpoint,
-                       FRAUDSTREAM__PROCESSING__GUARANTEE=self.args.guarantee,
-                       FRAUDSTREAM__PROCESSING__WORKERS=str(getattr(self.args, "workers", 1)),
-                       FRAUDSTREAM__STATE__PATH=state,
-                       FRAUDSTREAM__STATE__HMAC_SECRET=self.secret, RUST_LOG="warn")
-            self.procs.append(subprocess.Popen([self.args.bin, "run", "--config", "docs/fraudstream.toml"],
-                                               env=env, stdout=subprocess.DEVNULL, stderr=self.log, cwd=REPO))
-        self.proc = self.procs[0]
+        env = dict(os.environ,
+                   FRAUDSTREAM__BROKERS=self.args.bootstrap, FRAUDSTREAM__GROUP_ID=self.run,
+                   FRAUDSTREAM__TOPICS__TRANSACTIONS=self.topics["transactions"],
+                   FRAUDSTREAM__TOPICS__NAVIGATION=self.topics["navigation"],
+                   FRAUDSTREAM__TOPICS__VERDICTS=self.topics["verdicts"],
+                   FRAUDSTREAM__TOPICS__DEAD_LETTER=self.topics["dlq"],
+                   FRAUDSTREAM__TOPICS__LABELS=self.topics["labels"],
+                   FRAUDSTREAM__TOPICS__BLOCKLIST=self.topics["blocklist"],
+                   FRAUDSTREAM__METRICS__LISTEN=self.metrics,
+                   FRAUDSTREAM__PROCESSING__GUARANTEE=self.args.guarantee,
+                   FRAUDSTREAM__PROCESSING__WORKERS=str(getattr(self.args, "workers", 1)),
+                   FRAUDSTREAM__STATE__PATH=f"/tmp/{self.run}-state",
+                   FRAUDSTREAM__STATE__HMAC_SECRET=os.urandom(16).hex(), RUST_LOG="warn")
+        self.proc = subprocess.Popen([self.args.bin, "run", "--config", "docs/fraudstream.toml"],
+                                     env=env, stdout=subprocess.DEVNULL, stderr=self.log, cwd=REPO)
         deadline = time.time() + 120
-        waiting = list(self.endpoints)
-        while waiting and time.time() < deadline:
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                sys.exit(f"fraudstream exited ({self.proc.returncode}); log: /tmp/{self.run}.log")
             try:
-                if urllib.request.urlopen(f"http://{waiting[0]}/readyz", timeout=1).status == 200:
-                    waiting.pop(0)
-                    continue
+                if urllib.request.urlopen(f"http://{self.metrics}/readyz", timeout=1).status == 200:
+                    return
             except OSError:
                 pass
             time.sleep(0.2)
-        if waiting:
-            sys.exit(f"fraudstream not ready; log: /tmp/{self.run}.log")
+        sys.exit(f"fraudstream not ready; log: /tmp/{self.run}.log")
 
     def stop(self):
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            p.wait(60)
+        self.proc.terminate()
+        self.proc.wait(60)
 
     def timing(self):
         return scorer_timing(self.metrics)
@@ -194,11 +178,12 @@ def scorer_timing(metrics_addr):
     return out
 
 
-def summarise(name, samples, sent, t0, t_end, cpu, broker_cpu, hwm, lag):
+def summarise(name, samples, sent, t0, t_end, cpu, broker_cpu, hwm, lag, counted=None):
+    """`counted`: the verdicts `cpu` and `broker_cpu` were measured over (default: all)."""
     lat = sorted(s[1] for s in samples)
     got = len(samples)
     secs = max(1e-9, t_end - t0)
-    per = 100000 / max(1, got)
+    per = 100000 / max(1, got if counted is None else counted)
     return {
         "phase": name, "sent": sent, "verdicts": got, "tx_per_s": round(got / secs, 1),
         "p50_ms": round(pct(lat, 0.5), 1), "p99_ms": round(pct(lat, 0.99), 1),
@@ -271,10 +256,16 @@ def backlog(args, system, name, n, nav_ratio, timeout=900):
     try:
         t0 = time.time()
         system.start()
+        # CPU is counted from readiness on (a JVM's start-up is not the work), and so are the
+        # transactions it is divided by: a system may answer many before it reports ready
+        # (fraudstream with several workers is ready once all have their partitions).
         cpu0, bcpu0 = system_cpu(system), proc_cpu(args.broker_pid)
+        before_ready = len(rd.samples)
         t_end = wait_answered(rd, n, timeout)
         cpu, bcpu = system_cpu(system) - cpu0, proc_cpu(args.broker_pid) - bcpu0
-        r = summarise(name, rd.samples, n, t0, t_end, cpu, bcpu, system_hwm(system), [])
+        r = summarise(name, rd.samples, n, t0, t_end, cpu, bcpu, system_hwm(system), [],
+                      counted=len(rd.samples) - before_ready)
+        r["answered_before_ready"] = before_ready
     finally:
         rd.stopped = True
         rd.join()
