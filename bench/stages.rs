@@ -87,7 +87,7 @@ fn features(c: &mut Criterion) {
     let mut batch = StateBatch::default();
     apply(&txs, &mut batch, &mut rows);
     store
-        .commit(&batch, &std::collections::BTreeMap::new(), 0)
+        .commit(&mut batch, &std::collections::BTreeMap::new(), 0)
         .unwrap();
     let mut g = c.benchmark_group("features");
     g.throughput(Throughput::Elements(1000));

@@ -230,7 +230,6 @@ impl Committer {
             Ok(checkpoints) => {
                 CrashAt::check(&self.crash, "before-store", self.commits);
                 store.commit(state, &checkpoints, crate::pipeline::now_ms())?;
-                state.clear();
                 self.open = false;
                 let committed_ms = crate::pipeline::now_ms();
                 self.count_verdicts(committed_ms);

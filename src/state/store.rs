@@ -33,6 +33,10 @@ pub const EXPIRY_GRACE_MS: i64 = 86_400_000;
 /// RocksDB's memtable budget over all column families.
 const STORE_WRITE_BUFFER_BYTES: usize = 32 << 20;
 
+/// Committed entities kept decoded in memory per kind, at most (see [`Recent`]): some 30 MB
+/// of customers at most per store, the busy ones; the rest are read from RocksDB.
+const RECENT_ENTITIES: usize = 16_384;
+
 /// Changelog key tag of a partition's stream time (entities use [`EntityKind::tag`]).
 const STREAM_TIME_TAG: u8 = b't';
 
@@ -50,6 +54,72 @@ pub enum StateError {
 
 pub struct Store {
     db: DB,
+    /// Written through by every write of the store, cleared by restores and drops.
+    recent: std::cell::RefCell<RecentEntities>,
+}
+
+#[derive(Default)]
+struct RecentEntities {
+    customers: Recent<CustomerState>,
+    merchants: Recent<MerchantState>,
+    sessions: Recent<SessionState>,
+}
+
+impl RecentEntities {
+    fn clear(&mut self) {
+        self.customers.clear();
+        self.merchants.clear();
+        self.sessions.clear();
+    }
+}
+
+/// Committed entities recently read or written, decoded: the entities of a busy customer,
+/// merchant or session are read from here instead of searched for in RocksDB's memtable and
+/// decoded again for each batch. Two generations of at most half of [`RECENT_ENTITIES`]
+/// each: when the young one is full it becomes the old one and the old one is dropped; an
+/// entity found in the old one moves to the young one. Holds exactly what the store holds
+/// for its keys: every write of the store goes through it.
+struct Recent<V> {
+    young: HashMap<Key, V>,
+    old: HashMap<Key, V>,
+}
+
+impl<V> Default for Recent<V> {
+    fn default() -> Self {
+        Recent {
+            young: HashMap::new(),
+            old: HashMap::new(),
+        }
+    }
+}
+
+impl<V: Clone> Recent<V> {
+    fn get(&mut self, key: &Key) -> Option<V> {
+        if let Some(v) = self.young.get(key) {
+            return Some(v.clone());
+        }
+        let v = self.old.remove(key)?;
+        self.put(*key, v.clone());
+        Some(v)
+    }
+
+    fn put(&mut self, key: Key, value: V) {
+        if self.young.len() >= RECENT_ENTITIES / 2 && !self.young.contains_key(&key) {
+            self.old = std::mem::take(&mut self.young);
+        }
+        self.old.remove(&key);
+        self.young.insert(key, value);
+    }
+
+    fn remove(&mut self, key: &Key) {
+        self.young.remove(key);
+        self.old.remove(key);
+    }
+
+    fn clear(&mut self) {
+        self.young.clear();
+        self.old.clear();
+    }
 }
 
 /// Where entities not yet in a [`StateBatch`] come from: the store online, nothing in replay.
@@ -266,7 +336,10 @@ impl Store {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            recent: Default::default(),
+        })
     }
 
     /// Opens an existing store for reading only, beside a running scorer (no lock taken).
@@ -282,7 +355,10 @@ impl Store {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            recent: Default::default(),
+        })
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -292,22 +368,46 @@ impl Store {
     }
 
     pub fn customer(&self, key: &Key) -> Result<Option<CustomerState>, StateError> {
+        let mut recent = self.recent.borrow_mut();
+        if let Some(v) = recent.customers.get(key) {
+            return Ok(Some(v));
+        }
         match self.db.get_pinned_cf(self.cf("customer"), key)? {
-            Some(v) => Ok(Some(CustomerState::decode(&v)?)),
+            Some(v) => {
+                let v = CustomerState::decode(&v)?;
+                recent.customers.put(*key, v.clone());
+                Ok(Some(v))
+            }
             None => Ok(None),
         }
     }
 
     pub fn merchant(&self, key: &Key) -> Result<Option<MerchantState>, StateError> {
+        let mut recent = self.recent.borrow_mut();
+        if let Some(v) = recent.merchants.get(key) {
+            return Ok(Some(v));
+        }
         match self.db.get_pinned_cf(self.cf("merchant"), key)? {
-            Some(v) => Ok(Some(MerchantState::decode(&v)?)),
+            Some(v) => {
+                let v = MerchantState::decode(&v)?;
+                recent.merchants.put(*key, v.clone());
+                Ok(Some(v))
+            }
             None => Ok(None),
         }
     }
 
     pub fn session(&self, key: &Key) -> Result<Option<SessionState>, StateError> {
+        let mut recent = self.recent.borrow_mut();
+        if let Some(v) = recent.sessions.get(key) {
+            return Ok(Some(v));
+        }
         match self.db.get_pinned_cf(self.cf("session"), key)? {
-            Some(v) => Ok(Some(SessionState::decode(&v)?)),
+            Some(v) => {
+                let v = SessionState::decode(&v)?;
+                recent.sessions.put(*key, v.clone());
+                Ok(Some(v))
+            }
             None => Ok(None),
         }
     }
@@ -356,11 +456,12 @@ impl Store {
     }
 
     /// Writes a committed batch with the changelog checkpoints it reflects (partition → next
-    /// changelog offset), atomically. Not synced: a write lost to a machine crash leaves the
-    /// store behind its changelog, which the next restore reads.
+    /// changelog offset), atomically, and empties it (its entities move to the recent ones).
+    /// Not synced: a write lost to a machine crash leaves the store behind its changelog,
+    /// which the next restore reads.
     pub fn commit(
         &self,
-        batch: &StateBatch,
+        batch: &mut StateBatch,
         checkpoints: &BTreeMap<i32, i64>,
         now_ms: i64,
     ) -> Result<(), StateError> {
@@ -392,6 +493,24 @@ impl Store {
             wb.put_cf(self.cf(META), checkpoint_time_key(*p), now_ms.to_le_bytes());
         }
         self.db.write(wb)?;
+        let mut recent = self.recent.borrow_mut();
+        for (k, v) in batch.customers.drain() {
+            recent.customers.put(k, v);
+        }
+        for (k, v) in batch.merchants.drain() {
+            recent.merchants.put(k, v);
+        }
+        for (k, v) in batch.sessions.drain() {
+            recent.sessions.put(k, v);
+        }
+        for (kind, k) in &batch.expired {
+            match kind {
+                EntityKind::Customer => recent.customers.remove(k),
+                EntityKind::Merchant => recent.merchants.remove(k),
+                EntityKind::Session => recent.sessions.remove(k),
+            }
+        }
+        batch.clear();
         Ok(())
     }
 
@@ -406,6 +525,7 @@ impl Store {
         wb.delete_cf(self.cf(META), checkpoint_key(partition));
         wb.delete_cf(self.cf(META), checkpoint_time_key(partition));
         wb.delete_cf(self.cf(META), meta_stream_time_key(partition));
+        self.recent.borrow_mut().clear();
         self.db.write(wb)?;
         Ok(())
     }
@@ -447,6 +567,7 @@ impl Store {
             checkpoint_time_key(partition),
             now_ms.to_le_bytes(),
         );
+        self.recent.borrow_mut().clear();
         self.db.write(wb)?;
         Ok(())
     }
@@ -538,6 +659,79 @@ mod tests {
         dir
     }
 
+    /// The recent entities never answer differently from RocksDB: after commits, expiry, a
+    /// restore that rewrites an entity, a dropped partition, and more entities than it holds.
+    #[test]
+    fn recent_entities_hold_what_the_store_holds() {
+        let dir = temp("recent");
+        let store = Store::open(&dir).unwrap();
+        let h = Hasher::new(b"s");
+        let k = key(1, &h.entity("customer", "a"));
+        let customer = |t: i64| CustomerState {
+            last_event_ms: Some(t),
+            ..Default::default()
+        };
+        let from_db = |store: &Store, k: &Key| {
+            store
+                .db
+                .get_pinned_cf(store.cf("customer"), k)
+                .unwrap()
+                .map(|v| CustomerState::decode(&v).unwrap())
+        };
+        let mut b = StateBatch::default();
+        b.customers.insert(k, customer(1));
+        store.commit(&mut b, &BTreeMap::new(), 0).unwrap();
+        assert!(b.is_empty(), "the commit empties the batch");
+        assert_eq!(store.customer(&k).unwrap(), Some(customer(1)));
+
+        b.customers.insert(k, customer(2));
+        store.commit(&mut b, &BTreeMap::new(), 0).unwrap();
+        assert_eq!(store.customer(&k).unwrap(), Some(customer(2)));
+
+        // A restore rewrites it from the changelog: the read sees the restored value.
+        let mut v = Vec::new();
+        customer(3).encode(&mut v);
+        let mut ck = vec![EntityKind::Customer.tag()];
+        ck.extend_from_slice(&k);
+        store.restore(1, &[(ck.clone(), Some(v))], 10, 0).unwrap();
+        assert_eq!(store.customer(&k).unwrap(), Some(customer(3)));
+
+        // Expired: gone from both.
+        b.expired.push((EntityKind::Customer, k));
+        store.commit(&mut b, &BTreeMap::new(), 0).unwrap();
+        assert_eq!(store.customer(&k).unwrap(), None);
+        assert_eq!(from_db(&store, &k), None);
+
+        // Dropped partition: gone from both.
+        b.customers.insert(k, customer(4));
+        store.commit(&mut b, &BTreeMap::new(), 0).unwrap();
+        assert_eq!(store.customer(&k).unwrap(), Some(customer(4)));
+        store.drop_partition(1).unwrap();
+        assert_eq!(store.customer(&k).unwrap(), None);
+
+        // More entities than it holds: every one still reads as written.
+        let n = RECENT_ENTITIES + 100;
+        let keys: Vec<Key> = (0..n)
+            .map(|i| key(2, &h.entity("customer", &i.to_string())))
+            .collect();
+        for (i, k) in keys.iter().enumerate() {
+            b.customers.insert(*k, customer(i as i64));
+            if b.customers.len() == 1000 {
+                store.commit(&mut b, &BTreeMap::new(), 0).unwrap();
+            }
+        }
+        store.commit(&mut b, &BTreeMap::new(), 0).unwrap();
+        for (i, k) in keys.iter().enumerate().rev() {
+            assert_eq!(store.customer(k).unwrap(), Some(customer(i as i64)));
+            assert_eq!(from_db(&store, k), Some(customer(i as i64)));
+        }
+        let recent = store.recent.borrow();
+        assert!(recent.customers.young.len() + recent.customers.old.len() <= RECENT_ENTITIES);
+        drop(recent);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn batch_is_written_with_its_checkpoint_and_survives_reopen() {
         let dir = temp("store");
@@ -555,7 +749,9 @@ mod tests {
             b.customers.insert(k, c);
             b.merchants.insert(k, MerchantState::default());
             b.advance(3, 5, None);
-            store.commit(&b, &BTreeMap::from([(3, 42)]), 1000).unwrap();
+            store
+                .commit(&mut b, &BTreeMap::from([(3, 42)]), 1000)
+                .unwrap();
         }
         let store = Store::open(&dir).unwrap();
         assert_eq!(
@@ -605,8 +801,9 @@ mod tests {
             batch.customers.insert(k, c);
         }
         batch.advance(1, 9_000_000, None);
+        let committed = batch.changelog_records();
         let source = Store::open(&a).unwrap();
-        source.commit(&batch, &BTreeMap::new(), 0).unwrap();
+        source.commit(&mut batch, &BTreeMap::new(), 0).unwrap();
         assert_eq!(
             source.idle(1, 5_000, 100).unwrap(),
             vec![(EntityKind::Customer, old)]
@@ -617,8 +814,7 @@ mod tests {
         );
 
         // Partition 1 through its changelog records, then a tombstone for the idle one.
-        let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = batch
-            .changelog_records()
+        let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = committed
             .into_iter()
             .filter(|(p, _, _)| *p == 1)
             .map(|(_, k, v)| (k, v))
