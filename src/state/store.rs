@@ -367,49 +367,55 @@ impl Store {
             .expect("column families are created at open")
     }
 
-    pub fn customer(&self, key: &Key) -> Result<Option<CustomerState>, StateError> {
-        let mut recent = self.recent.borrow_mut();
-        if let Some(v) = recent.customers.get(key) {
+    /// An entity of `kind`: from the recent ones (`recent` picks its kind's), else from
+    /// RocksDB, decoded and kept among the recent ones.
+    fn read<V: Clone>(
+        &self,
+        kind: EntityKind,
+        key: &Key,
+        recent: fn(&mut RecentEntities) -> &mut Recent<V>,
+        decode: fn(&[u8]) -> Result<V, CodecError>,
+    ) -> Result<Option<V>, StateError> {
+        let mut all = self.recent.borrow_mut();
+        let recent = recent(&mut all);
+        if let Some(v) = recent.get(key) {
             return Ok(Some(v));
         }
-        match self.db.get_pinned_cf(self.cf("customer"), key)? {
+        match self.db.get_pinned_cf(self.cf(kind.name()), key)? {
             Some(v) => {
-                let v = CustomerState::decode(&v)?;
-                recent.customers.put(*key, v.clone());
+                let v = decode(&v)?;
+                recent.put(*key, v.clone());
                 Ok(Some(v))
             }
             None => Ok(None),
         }
+    }
+
+    pub fn customer(&self, key: &Key) -> Result<Option<CustomerState>, StateError> {
+        self.read(
+            EntityKind::Customer,
+            key,
+            |r| &mut r.customers,
+            CustomerState::decode,
+        )
     }
 
     pub fn merchant(&self, key: &Key) -> Result<Option<MerchantState>, StateError> {
-        let mut recent = self.recent.borrow_mut();
-        if let Some(v) = recent.merchants.get(key) {
-            return Ok(Some(v));
-        }
-        match self.db.get_pinned_cf(self.cf("merchant"), key)? {
-            Some(v) => {
-                let v = MerchantState::decode(&v)?;
-                recent.merchants.put(*key, v.clone());
-                Ok(Some(v))
-            }
-            None => Ok(None),
-        }
+        self.read(
+            EntityKind::Merchant,
+            key,
+            |r| &mut r.merchants,
+            MerchantState::decode,
+        )
     }
 
     pub fn session(&self, key: &Key) -> Result<Option<SessionState>, StateError> {
-        let mut recent = self.recent.borrow_mut();
-        if let Some(v) = recent.sessions.get(key) {
-            return Ok(Some(v));
-        }
-        match self.db.get_pinned_cf(self.cf("session"), key)? {
-            Some(v) => {
-                let v = SessionState::decode(&v)?;
-                recent.sessions.put(*key, v.clone());
-                Ok(Some(v))
-            }
-            None => Ok(None),
-        }
+        self.read(
+            EntityKind::Session,
+            key,
+            |r| &mut r.sessions,
+            SessionState::decode,
+        )
     }
 
     fn meta_i64(&self, key: &[u8]) -> Result<Option<i64>, StateError> {
