@@ -67,6 +67,82 @@ async fn browsing_before_a_purchase_is_seen_in_event_time_order() {
     scorer.stop();
 }
 
+/// Under a backlog the navigation input is fetched as fast as the merge takes it, so the
+/// merge never gives up waiting for browsing that is on the broker: every purchase counts
+/// all of its page views. With librdkafka's default fetch pacing (a partition whose queue
+/// reached the prefetch limit not fetched again for a second, then behind a fetch held up to
+/// half a second at the broker) the merge gave up on the navigation input and scored
+/// purchases without their sessions. The prefetch limit is set low here, so that a debug
+/// build reaches it as often as a release build does with the default one, and the merge's
+/// wait is 500 ms, ten times the default, so only a stall of the fetching fails the test.
+#[tokio::test(flavor = "multi_thread")]
+async fn purchases_behind_a_navigation_backlog_count_all_of_their_browsing() {
+    const CUSTOMERS: usize = 500;
+    const PAGES: usize = 120;
+    let t = topics("navbacklog", 2).await;
+    let rows = sample();
+    let p = producer();
+    // 60,000 page views, the customers' interleaved in event time, then the purchases.
+    let mut browsing = Vec::with_capacity(CUSTOMERS * PAGES);
+    for k in 0..PAGES {
+        for c in 0..CUSTOMERS {
+            let (customer, session) = (format!("c{c}"), format!("s{c}"));
+            let time = T0 + (k * CUSTOMERS + c) as i64;
+            let v = nav(
+                &format!("n{c}-{k}"),
+                &customer,
+                &session,
+                "page_view",
+                time,
+                "d",
+            );
+            browsing.push((customer, v.into_bytes()));
+        }
+    }
+    send_all(&p, &t.navigation, &browsing).await;
+    let purchases: Vec<(String, Vec<u8>)> = (0..CUSTOMERS)
+        .map(|c| {
+            let (customer, session) = (format!("c{c}"), format!("s{c}"));
+            let time = T0 + (PAGES * CUSTOMERS + c) as i64;
+            let v = tx(
+                &rows[0],
+                &format!("p{c}"),
+                &customer,
+                &session,
+                "x@example.com",
+                time,
+            );
+            (customer, v.into_bytes())
+        })
+        .collect();
+    send_all(&p, &t.transactions, &purchases).await;
+    let prefetch = ("FRAUDSTREAM__KAFKA_CONSUMER__QUEUED_MIN_MESSAGES", "1000");
+    let idle = ("FRAUDSTREAM__BATCH__MAX_TASK_IDLE_MS", "500");
+    let mut scorer = Scorer::start(&t, &[AUDIT, prefetch, idle]);
+    let mut reader = Reader::new(&t.verdicts);
+    assert!(
+        reader
+            .read_until(Duration::from_secs(120), |m| m.len() >= CUSTOMERS)
+            .await,
+        "log:\n{}",
+        scorer.log_text()
+    );
+    let v = verdicts_by_id(&reader.messages);
+    let short: Vec<(usize, f32)> = (0..CUSTOMERS)
+        .map(|c| (c, feature(&v, &format!("p{c}"), "session_events")))
+        .filter(|&(_, n)| n != PAGES as f32)
+        .collect();
+    assert!(
+        short.is_empty(),
+        "{} of {CUSTOMERS} purchases were scored without all {PAGES} page views of their \
+         session, e.g. (customer, page views seen) {:?}; log:\n{}",
+        short.len(),
+        &short[..short.len().min(5)],
+        scorer.log_text()
+    );
+    scorer.stop();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn labels_and_blocklist_affect_the_next_transaction_and_tombstones_lift() {
     let t = topics("global", 1).await;

@@ -12,6 +12,7 @@
 //! turn: librdkafka's one consumer queue would hand out what it prefetched in the order it
 //! was fetched, so a partition behind another's backlog would wait for that backlog.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -232,18 +233,24 @@ impl Queues {
         self.queues.clear();
     }
 
-    /// Moves records into `into` until it holds `max` or every queue is empty: an equal
-    /// share of what is left from each queue in turn, the first turn going round the queues
-    /// from one call to the next. A queue is empty when its length says so: `poll` also
-    /// returns `None` after serving a transaction marker, with records behind it.
-    pub fn fill(&mut self, into: &mut Vec<OwnedMessage>, max: usize) {
+    /// Moves records into `into` until it holds `max` or every queue is empty or `held`:
+    /// an equal share of what is left from each queue in turn, the first turn going round
+    /// the queues from one call to the next. A queue is empty when its length says so:
+    /// `poll` also returns `None` after serving a transaction marker, with records behind it.
+    pub fn fill(
+        &mut self,
+        into: &mut Vec<OwnedMessage>,
+        max: usize,
+        held: &BTreeSet<(usize, i32)>,
+    ) {
         let n = self.queues.len();
         if n == 0 || into.len() >= max {
             return;
         }
         self.empty.clear();
-        self.empty.resize(n, false);
-        let mut open = n;
+        self.empty
+            .extend(self.queues.iter().map(|(key, _, _)| held.contains(key)));
+        let mut open = self.empty.iter().filter(|&&e| !e).count();
         let first = self.turn % n;
         self.turn = first + 1;
         while open > 0 && into.len() < max {

@@ -55,8 +55,8 @@ use crate::state::store::{ENTITY_TTL_MS, EXPIRY_GRACE_MS};
 use crate::state::{Hasher, StateBatch, Store};
 use crate::telemetry::{self, Readiness, WorkerReadiness};
 
-/// Records of one input partition the merge may hold before its fetching is paused.
-const PAUSE_AT: usize = 50_000;
+/// Records of one input partition the merge may hold before its queue is no longer read.
+const HOLD_AT: usize = 50_000;
 
 /// The smallest share of `batch.max-buffered-bytes` an input partition may hold.
 const MIN_PARTITION_BYTES: usize = 1 << 20;
@@ -441,7 +441,7 @@ fn worker(
         next_offset: HashMap::new(),
         committed: HashMap::new(),
         watermarks: HashMap::new(),
-        flow_paused: BTreeSet::new(),
+        held: BTreeSet::new(),
         queues: Queues::new(wake.clone()),
         ready: Vec::new(),
         output: Output::default(),
@@ -628,8 +628,9 @@ pub struct Core {
     committed: HashMap<(usize, i32), i64>,
     /// End offset per (input, partition) asked of the broker, and when.
     watermarks: HashMap<(usize, i32), (i64, Instant)>,
-    /// Input partitions paused because the merge holds too many of their records.
-    flow_paused: BTreeSet<(usize, i32)>,
+    /// Input partitions whose queue is not read (or, without a queue of their own, which
+    /// are paused) because the merge holds too many of their records.
+    held: BTreeSet<(usize, i32)>,
     /// Each assigned input partition's own queue.
     queues: Queues,
     ready: Vec<Queued<Record>>,
@@ -669,7 +670,7 @@ impl Core {
                     .is_none_or(|i| !self.queues.is_split(i, m.partition()))
             }));
         }
-        self.queues.fill(msgs, max);
+        self.queues.fill(msgs, max, &self.held);
     }
 
     /// Decodes and buffers consumed messages.
@@ -888,7 +889,7 @@ impl Core {
             self.next_offset.remove(&(i, p));
             self.committed.remove(&(i, p));
             self.watermarks.remove(&(i, p));
-            self.flow_paused.remove(&(i, p));
+            self.held.remove(&(i, p));
         }
         self.readiness.set_assigned(self.assigned.len());
     }
@@ -960,11 +961,14 @@ impl Core {
         }
     }
 
-    /// Pauses fetching an input partition whose records pile up in the merge (the other
-    /// input of its task is behind, or the pipeline is), and resumes it once they drain to
-    /// half: memory bounded in records and in bytes (`batch.max-buffered-bytes`, shared by
-    /// the assigned input partitions), and the consumer's queue keeps room for the input
-    /// being waited for.
+    /// Stops reading the queue of an input partition whose records pile up in the merge
+    /// (the other input of its task is behind, or the pipeline is), and reads it again once
+    /// they drain to half: memory bounded in records and in bytes (`batch.max-buffered-bytes`,
+    /// shared by the assigned input partitions). librdkafka stops fetching for the partition
+    /// at its prefetch limits by itself and keeps what it fetched; pausing the partition
+    /// instead made it drop that at the resume, to fetch and parse it again (a third of the
+    /// CPU of a backlog with navigation). A partition that has no queue of its own (its
+    /// records come through the consumer's) is paused.
     fn flow_control(&mut self, consumer: &GroupConsumer) {
         let inputs = self.inputs.iter().flatten().count();
         // Shared by the process's workers, then by this worker's input partitions.
@@ -982,19 +986,31 @@ impl Core {
                 let Some(topic) = topic else { continue };
                 let (n, bytes) = self.merge.queued(i, p);
                 let key = (i, p);
-                let paused = self.flow_paused.contains(&key);
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition(topic, p);
-                if !paused && (n >= PAUSE_AT || bytes >= byte_share) {
-                    if consumer.pause(&tpl).is_ok() {
-                        self.flow_paused.insert(key);
+                let held = self.held.contains(&key);
+                let hold = if held {
+                    n >= HOLD_AT / 2 || bytes >= byte_share / 2
+                } else {
+                    n >= HOLD_AT || bytes >= byte_share
+                };
+                if hold == held {
+                    continue;
+                }
+                if !self.queues.is_split(i, p) {
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(topic, p);
+                    let done = if hold {
+                        consumer.pause(&tpl)
+                    } else {
+                        consumer.resume(&tpl)
+                    };
+                    if done.is_err() {
+                        continue;
                     }
-                } else if paused
-                    && n < PAUSE_AT / 2
-                    && bytes < byte_share / 2
-                    && consumer.resume(&tpl).is_ok()
-                {
-                    self.flow_paused.remove(&key);
+                }
+                if hold {
+                    self.held.insert(key);
+                } else {
+                    self.held.remove(&key);
                 }
             }
         }

@@ -427,7 +427,7 @@ impl Core {
             if let Err(e) = consumer.seek(t, p, at, Duration::from_secs(10)) {
                 tracing::debug!(topic = %t, partition = p, error = %e, "Seek before resuming.");
             }
-            if !self.flow_paused.contains(&(i, p)) {
+            if !self.held.contains(&(i, p)) {
                 tpl.add_partition(t, p);
             }
         }

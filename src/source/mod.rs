@@ -53,8 +53,6 @@ pub fn client_config(settings: &Settings) -> anyhow::Result<ClientConfig> {
     c.set("bootstrap.servers", &settings.brokers)
         .set("group.id", &settings.group_id)
         .set("auto.offset.reset", "earliest")
-        // fetch.wait.max.ms stays librdkafka's 500 ms: Kafka answers a waiting fetch as
-        // soon as data arrives, so a long wait costs no latency and spares idle requests.
         // Feeds fraudstream_consumer_lag_messages.
         .set("statistics.interval.ms", "5000")
         // Partition p of every input (transactions, navigation, repartition) must go to the
@@ -80,21 +78,45 @@ const PREFETCH: [(&str, usize, usize); 2] = [
     ("queued.min.messages", 100_000, 1_000),
 ];
 
+/// librdkafka settings of the group consumer that its queue per partition needs (see
+/// [`group_consumer_config`]). A busy partition reaches the divided prefetch limits at every
+/// fetch, and is left out of fetches until the loop takes from its queue. With librdkafka's
+/// defaults it is then not looked at again for a second (`fetch.queue.backoff.ms`), and
+/// when it is, it waits for the fetch in flight, which may be held at the broker for half a
+/// second (`fetch.wait.max.ms`) when it asks only for partitions that are caught up. The
+/// loop empties a queue in tens of milliseconds, so it sat idle for the records of a
+/// backlog, and the event-time merge gave up waiting (after `batch.max-task-idle-ms`) for an
+/// input whose records were on the broker: under a backlog with navigation, purchases were
+/// scored before their browsing (tests/stateful.rs, bench/RESULTS.md). Both waits are kept
+/// well under the merge's 50 ms; librdkafka's documentation asks for the lower backoff when
+/// the queue limits are low. The cost is an empty fetch every 20 ms per worker when idle.
+const FETCH_PACE: [(&str, &str); 2] = [
+    ("fetch.queue.backoff.ms", "10"),
+    ("fetch.wait.max.ms", "20"),
+];
+
 /// The group consumer's configuration: [`client_config`], and librdkafka's prefetch limits
 /// (64 MiB, 100,000 messages), which apply per partition queue, divided among the
-/// `partition_queues` it may read (at least 1 MiB and 1,000 messages each), unless
-/// `[kafka]` or `[kafka-consumer]` sets them.
+/// `partition_queues` it may read (at least 1 MiB and 1,000 messages each), with
+/// [`FETCH_PACE`], unless `[kafka]` or `[kafka-consumer]` sets them.
 pub fn group_consumer_config(
     settings: &Settings,
     partition_queues: usize,
 ) -> anyhow::Result<ClientConfig> {
     let mut c = client_config(settings)?;
+    let unset =
+        |key: &str| !settings.kafka.contains_key(key) && !settings.kafka_consumer.contains_key(key);
     for (key, total, least) in PREFETCH {
-        if !settings.kafka.contains_key(key) && !settings.kafka_consumer.contains_key(key) {
+        if unset(key) {
             c.set(
                 key,
                 (total / partition_queues.max(1)).max(least).to_string(),
             );
+        }
+    }
+    for (key, value) in FETCH_PACE {
+        if unset(key) {
+            c.set(key, value);
         }
     }
     Ok(c)
