@@ -1,4 +1,4 @@
-//! The chaos runs' short variants (the long one is `scripts/chaos`): 20,000 transactions
+//! The chaos runs' short variants (the long one is `scripts/chaos`): 40,000 transactions
 //! (keyed, keyed on another partition, unkeyed) with navigation events, scored cleanly and
 //! through SIGKILLs (some inside a commit), joins and leaves, and a SIGKILL of the broker,
 //! on a broker of the run's own; `scripts/py/chaos.py` checks and prints the figures.
@@ -41,9 +41,9 @@ fn chaos(guarantee: &str, transactions: &str, workers: &str) -> serde_json::Valu
 /// clean run's, and the final state is the clean run's.
 #[test]
 fn exactly_once_under_chaos() {
-    let summary = chaos("exactly-once", "20000", "1");
+    let summary = chaos("exactly-once", "40000", "1");
     assert_eq!(summary["duplicates"], 0, "{summary}");
-    assert_eq!(summary["verdicts"], 20000, "{summary}");
+    assert_eq!(summary["verdicts"], 40000, "{summary}");
 }
 
 /// Exactly once with two workers in each instance (`processing.workers`): partitions move
@@ -51,14 +51,14 @@ fn exactly_once_under_chaos() {
 /// read_committed reader sees and the final state are the clean one-worker run's.
 #[test]
 fn exactly_once_under_chaos_with_two_workers_per_instance() {
-    let summary = chaos("exactly-once", "20000", "2");
+    let summary = chaos("exactly-once", "40000", "2");
     assert_eq!(summary["duplicates"], 0, "{summary}");
-    assert_eq!(summary["verdicts"], 20000, "{summary}");
+    assert_eq!(summary["verdicts"], 40000, "{summary}");
 }
 
 /// At least once: every transaction has a verdict, duplicates are identical, and state is
 /// still the clean run's (never applied twice).
 #[test]
 fn at_least_once_under_chaos() {
-    chaos("at-least-once", "20000", "1");
+    chaos("at-least-once", "40000", "1");
 }
