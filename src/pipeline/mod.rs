@@ -966,8 +966,8 @@ impl Core {
     /// they drain to half: memory bounded in records and in bytes (`batch.max-buffered-bytes`,
     /// shared by the assigned input partitions). librdkafka stops fetching for the partition
     /// at its prefetch limits by itself and keeps what it fetched; pausing the partition
-    /// instead made it drop that at the resume, to fetch and parse it again (a third of the
-    /// CPU of a backlog with navigation). A partition that has no queue of its own (its
+    /// instead made it drop that at the resume, to fetch and parse it again. A partition
+    /// that has no queue of its own (its
     /// records come through the consumer's) is paused.
     fn flow_control(&mut self, consumer: &GroupConsumer) {
         let inputs = self.inputs.iter().flatten().count();
