@@ -202,6 +202,10 @@ impl Committer {
             }
             .map_err(|e| self.failed(e))?;
         }
+        self.tx.serve_deliveries();
+        if let Some(direct) = outside {
+            direct.serve_deliveries();
+        }
         for (topic, p, next) in processed {
             let e = self.offsets.entry((topic, p)).or_insert(next);
             *e = (*e).max(next);

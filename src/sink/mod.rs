@@ -208,7 +208,8 @@ impl Sink {
     }
 
     /// Hands `r` to librdkafka, waiting while its queue is full. An error is the
-    /// producer's (fenced, fatal, or the transaction needs an abort).
+    /// producer's (fenced, fatal, or the transaction needs an abort). Delivery reports are
+    /// served by [`Sink::serve_deliveries`], once per batch, not per record.
     pub fn send(&self, r: &OutRecord) -> Result<(), KafkaError> {
         let mut record = BaseRecord::<[u8], [u8]>::to(self.topic(r.topic));
         if let Some(p) = &r.payload {
@@ -228,11 +229,7 @@ impl Sink {
         }
         loop {
             match self.producer.send(record) {
-                Ok(()) => {
-                    // Serves delivery reports that are in, without waiting.
-                    self.producer.poll(Duration::ZERO);
-                    return Ok(());
-                }
+                Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     // Serving delivery reports frees the queue.
                     record = back;
@@ -250,6 +247,12 @@ impl Sink {
                 }
             }
         }
+    }
+
+    /// Serves the delivery reports that are in, without waiting (they free librdkafka's
+    /// queue and are counted in [`Sink::take_deliveries`]).
+    pub fn serve_deliveries(&self) {
+        self.producer.poll(Duration::ZERO);
     }
 
     /// A permanent failure seen since deliveries were last taken, explained.
