@@ -63,7 +63,7 @@ fn features(c: &mut Criterion) {
         .map(|l| decoder.decode(Some(l.as_bytes())).unwrap())
         .collect();
     let dir = std::env::temp_dir().join(format!("fraudstream-bench-{}", std::process::id()));
-    let store = Store::open(&dir).unwrap();
+    let store = Store::open(&dir, fraudstream::state::DEFAULT_CACHE_BYTES).unwrap();
     let hasher = Hasher::new(b"bench");
     let tables = GlobalTables::default();
     let model = model();

@@ -441,6 +441,9 @@ pub struct StateSettings {
     /// Most entities each global table (labels, blocklist) holds in memory; a record for a
     /// new entity beyond it is refused, counted and logged.
     pub max_global_entries: usize,
+    /// Memory per worker's store for committed customers, merchants and sessions kept
+    /// decoded (a third for each kind), in front of RocksDB.
+    pub cache_bytes: usize,
 }
 
 /// The default `state.max-global-entries`.
@@ -465,6 +468,7 @@ impl Default for StateSettings {
             hmac_secret: None,
             development_secret: false,
             max_global_entries: DEFAULT_MAX_GLOBAL_ENTRIES,
+            cache_bytes: crate::state::DEFAULT_CACHE_BYTES,
         }
     }
 }

@@ -252,7 +252,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     .context("cannot start the model watcher")?;
     let mut stores = Vec::with_capacity(workers);
     for w in 0..workers {
-        stores.push(Store::open(&settings.state.worker_path(w))?);
+        stores.push(Store::open(
+            &settings.state.worker_path(w),
+            settings.state.cache_bytes,
+        )?);
     }
     let secret = settings.state.secret()?;
     if secret == crate::config::DEV_HMAC_SECRET {

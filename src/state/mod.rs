@@ -13,4 +13,4 @@ pub mod window;
 
 pub use entities::{CustomerState, EntityKind, MerchantState, SessionState};
 pub use keys::{Hasher, Key};
-pub use store::{Checkpoint, InMemory, Loader, StateBatch, StateError, Store};
+pub use store::{Checkpoint, InMemory, Loader, StateBatch, StateError, Store, DEFAULT_CACHE_BYTES};

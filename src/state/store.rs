@@ -14,7 +14,7 @@ use std::path::Path;
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
 
 use super::entities::{
-    last_event_ms, CodecError, CustomerState, EntityKind, MerchantState, SessionState,
+    last_event_ms, CodecError, CustomerState, EntityKind, MerchantState, SessionState, KNOWN_CAP,
 };
 use super::keys::{self, Key};
 
@@ -33,9 +33,10 @@ pub const EXPIRY_GRACE_MS: i64 = 86_400_000;
 /// RocksDB's memtable budget over all column families.
 const STORE_WRITE_BUFFER_BYTES: usize = 32 << 20;
 
-/// Committed entities kept decoded in memory per kind, at most (see [`Recent`]): some 30 MB
-/// of customers at most per store, the busy ones; the rest are read from RocksDB.
-const RECENT_ENTITIES: usize = 16_384;
+/// The default `state.cache-bytes`: memory per store for committed entities kept decoded
+/// (see [`Recent`]), a third for each kind: some 18,000 customers, 280,000 sessions and
+/// 450,000 merchants; the rest are read from RocksDB.
+pub const DEFAULT_CACHE_BYTES: usize = 96 << 20;
 
 /// Changelog key tag of a partition's stream time (entities use [`EntityKind::tag`]).
 const STREAM_TIME_TAG: u8 = b't';
@@ -58,7 +59,6 @@ pub struct Store {
     recent: std::cell::RefCell<RecentEntities>,
 }
 
-#[derive(Default)]
 struct RecentEntities {
     customers: Recent<CustomerState>,
     merchants: Recent<MerchantState>,
@@ -66,6 +66,15 @@ struct RecentEntities {
 }
 
 impl RecentEntities {
+    /// At most about `bytes` in all, a third for each kind.
+    fn new(bytes: usize) -> RecentEntities {
+        RecentEntities {
+            customers: Recent::new(bytes / 3),
+            merchants: Recent::new(bytes / 3),
+            sessions: Recent::new(bytes / 3),
+        }
+    }
+
     fn clear(&mut self) {
         self.customers.clear();
         self.merchants.clear();
@@ -75,20 +84,44 @@ impl RecentEntities {
 
 /// Committed entities recently read or written, decoded: the entities of a busy customer,
 /// merchant or session are read from here instead of searched for in RocksDB's memtable and
-/// decoded again for each batch. Two generations of at most half of [`RECENT_ENTITIES`]
-/// each: when the young one is full it becomes the old one and the old one is dropped; an
-/// entity found in the old one moves to the young one. Holds exactly what the store holds
-/// for its keys: every write of the store goes through it.
+/// decoded again for each batch. Two generations of at most half of `capacity` each: when
+/// the young one is full it becomes the old one and the old one is dropped; an entity found
+/// in the old one moves to the young one. Holds exactly what the store holds for its keys:
+/// every write of the store goes through it.
 struct Recent<V> {
     young: HashMap<Key, V>,
     old: HashMap<Key, V>,
+    capacity: usize,
 }
 
-impl<V> Default for Recent<V> {
-    fn default() -> Self {
+/// Memory an entity takes among the recent ones, about: key, value, what the value holds on
+/// the heap at most, and the hash table's own (a control byte, and an eighth free). A table
+/// grows by doubling, so a generation may take up to twice its share for a while.
+trait Footprint: Sized {
+    const HEAP: usize;
+    const BYTES: usize = (std::mem::size_of::<(Key, Self)>() + 1) * 8 / 7 + Self::HEAP;
+}
+
+impl Footprint for CustomerState {
+    /// Cards, devices and IPs: at most [`KNOWN_CAP`] hashes each.
+    const HEAP: usize = 3 * KNOWN_CAP * std::mem::size_of::<u64>();
+}
+
+impl Footprint for MerchantState {
+    const HEAP: usize = 0;
+}
+
+impl Footprint for SessionState {
+    const HEAP: usize = 0;
+}
+
+impl<V: Footprint> Recent<V> {
+    /// Room for about `bytes` of entities (at least two).
+    fn new(bytes: usize) -> Recent<V> {
         Recent {
             young: HashMap::new(),
             old: HashMap::new(),
+            capacity: (bytes / V::BYTES).max(2),
         }
     }
 }
@@ -104,7 +137,7 @@ impl<V: Clone> Recent<V> {
     }
 
     fn put(&mut self, key: Key, value: V) {
-        if self.young.len() >= RECENT_ENTITIES / 2 && !self.young.contains_key(&key) {
+        if self.young.len() >= self.capacity / 2 && !self.young.contains_key(&key) {
             self.old = std::mem::take(&mut self.young);
         }
         self.old.remove(&key);
@@ -319,7 +352,9 @@ pub struct Checkpoint {
 }
 
 impl Store {
-    pub fn open(path: &Path) -> Result<Store, StateError> {
+    /// Opens (or creates) the store at `path`, keeping about `cache_bytes` of committed
+    /// entities decoded in memory (`state.cache-bytes`).
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Store, StateError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -338,7 +373,7 @@ impl Store {
         })?;
         Ok(Store {
             db,
-            recent: Default::default(),
+            recent: RecentEntities::new(cache_bytes).into(),
         })
     }
 
@@ -357,7 +392,7 @@ impl Store {
         })?;
         Ok(Store {
             db,
-            recent: Default::default(),
+            recent: RecentEntities::new(0).into(),
         })
     }
 
@@ -670,7 +705,10 @@ mod tests {
     #[test]
     fn recent_entities_hold_what_the_store_holds() {
         let dir = temp("recent");
-        let store = Store::open(&dir).unwrap();
+        // Room for about 1,000 customers.
+        let store = Store::open(&dir, 3_000 * CustomerState::BYTES).unwrap();
+        let capacity = store.recent.borrow().customers.capacity;
+        assert!((900..=1_000).contains(&capacity), "{capacity}");
         let h = Hasher::new(b"s");
         let k = key(1, &h.entity("customer", "a"));
         let customer = |t: i64| CustomerState {
@@ -716,7 +754,7 @@ mod tests {
         assert_eq!(store.customer(&k).unwrap(), None);
 
         // More entities than it holds: every one still reads as written.
-        let n = RECENT_ENTITIES + 100;
+        let n = 3 * capacity + 100;
         let keys: Vec<Key> = (0..n)
             .map(|i| key(2, &h.entity("customer", &i.to_string())))
             .collect();
@@ -732,10 +770,32 @@ mod tests {
             assert_eq!(from_db(&store, k), Some(customer(i as i64)));
         }
         let recent = store.recent.borrow();
-        assert!(recent.customers.young.len() + recent.customers.old.len() <= RECENT_ENTITIES);
+        assert!(recent.customers.young.len() + recent.customers.old.len() <= capacity);
         drop(recent);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// What the default budget holds, as its documentation says.
+    #[test]
+    fn the_default_cache_holds_the_entities_it_is_documented_to() {
+        let r = RecentEntities::new(DEFAULT_CACHE_BYTES);
+        let about = |n: usize, want: usize| n.abs_diff(want) * 10 < want;
+        assert!(
+            about(r.customers.capacity, 18_000),
+            "{}",
+            r.customers.capacity
+        );
+        assert!(
+            about(r.sessions.capacity, 280_000),
+            "{}",
+            r.sessions.capacity
+        );
+        assert!(
+            about(r.merchants.capacity, 450_000),
+            "{}",
+            r.merchants.capacity
+        );
     }
 
     #[test]
@@ -745,7 +805,7 @@ mod tests {
         let k = key(3, &h.entity("customer", "c1"));
         let id;
         {
-            let store = Store::open(&dir).unwrap();
+            let store = Store::open(&dir, DEFAULT_CACHE_BYTES).unwrap();
             id = store.instance_id().unwrap();
             assert_eq!(store.checkpoint(3).unwrap(), None);
             let mut b = StateBatch::default();
@@ -759,7 +819,7 @@ mod tests {
                 .commit(&mut b, &BTreeMap::from([(3, 42)]), 1000)
                 .unwrap();
         }
-        let store = Store::open(&dir).unwrap();
+        let store = Store::open(&dir, DEFAULT_CACHE_BYTES).unwrap();
         assert_eq!(
             store.instance_id().unwrap(),
             id,
@@ -808,7 +868,7 @@ mod tests {
         }
         batch.advance(1, 9_000_000, None);
         let committed = batch.changelog_records();
-        let source = Store::open(&a).unwrap();
+        let source = Store::open(&a, DEFAULT_CACHE_BYTES).unwrap();
         source.commit(&mut batch, &BTreeMap::new(), 0).unwrap();
         assert_eq!(
             source.idle(1, 5_000, 100).unwrap(),
@@ -835,7 +895,7 @@ mod tests {
                 .into_iter()
                 .map(|(_, k, v)| (k, v)),
         );
-        let copy = Store::open(&b).unwrap();
+        let copy = Store::open(&b, DEFAULT_CACHE_BYTES).unwrap();
         copy.restore(1, &records, 17, 5).unwrap();
         assert_eq!(copy.checkpoint(1).unwrap().map(|c| c.next), Some(17));
         assert_eq!(copy.stream_time(1).unwrap(), Some(9_000_000));
