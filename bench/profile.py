@@ -63,7 +63,7 @@ def main():
     lines = [
         f"{total:,} samples at {args.frequency} Hz = {total / args.frequency:.1f} CPU-s for "
         f"{args.transactions:,} transactions: {per_tx(total):.1f} CPU-µs per transaction "
-        "(with its navigation events and the repartition hop)",
+        "(with whatever navigation events and repartition hop the run had)",
         "",
         "| component | share | CPU-µs per transaction |",
         "|---|---|---|",
