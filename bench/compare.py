@@ -192,19 +192,20 @@ def rate_phase(args, system, reader, rate, seconds):
     achieved = min(n, in_time) / max(seconds, span)
     got = len(samples)
     per = 100_000 / max(1, got)
-    return {
+    phase = {
         "rate": rate, "sent": n, "verdicts": got, "achieved": round(achieved, 1),
         "p50_ms": round(pct(lat, 0.5), 1), "p99_ms": round(pct(lat, 0.99), 1),
         "p999_ms": round(pct(lat, 0.999), 1), "max_ms": round(lat[-1], 1) if lat else None,
         "peak_lag": int(max((v for _, v in lag), default=0)),
         "lag_growth_second_half": int(growth),
-        "fell_behind": achieved < 0.9 * rate or growth > rate * 1.0 or got < n,
         # From the perf tool's exit to the phase's last verdict read.
         "last_verdict_after_s": round(max((s[0] for s in samples), default=t_end) - t_sent, 1),
         "cpu_s_per_100k": round(cpu * per, 2), "broker_cpu_s_per_100k": round(bcpu * per, 2),
         "peak_rss_mb": round(system_hwm(system) / 2**20, 1),
         "perf_test": tool_line,
     }
+    phase["fell_behind"] = fell_behind(phase)
+    return phase
 
 
 def run_stream_system(args, name, kind, guarantee, run):
@@ -281,6 +282,15 @@ def latency(ms):
     return f"{ms / 1000:,.2f} s" if ms >= 1000 else f"{ms:,.0f} ms" if ms >= 10 else f"{ms:,.1f} ms"
 
 
+def fell_behind(p):
+    """A rate phase of a stream processor that did not keep up: under 90 % of the rate
+    achieved, the lag still growing by more than a second of input over the second half,
+    verdicts missing, or at some moment more than two seconds of input waiting."""
+    rate = p["rate"]
+    return (p["achieved"] < 0.9 * rate or p["lag_growth_second_half"] > rate
+            or p["verdicts"] < p["sent"] or p["peak_lag"] > 2 * rate)
+
+
 def rows(result):
     """Per system: the summary row and the rate rows, in one shape for the stream processors
     and the HTTP peer."""
@@ -300,7 +310,7 @@ def rows(result):
                             "cpu": cpu, "broker_cpu": None, "rss": s.get("peak_rss_mb"), "rates": rates})
         else:
             b, bn = s.get("backlog", {}), s.get("backlog_nav")
-            rates = [dict(p, note="") for p in s.get("rates", [])]
+            rates = [dict(p, note="", fell_behind=fell_behind(p)) for p in s.get("rates", [])]
             cpu, bcpu = b.get("cpu_s_per_100k"), b.get("broker_cpu_s_per_100k")
             rss = max([b.get("peak_rss_mb") or 0, (bn or {}).get("peak_rss_mb") or 0]
                       + [p.get("peak_rss_mb") or 0 for p in rates]) or None
@@ -412,10 +422,12 @@ def terminate(*_):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bootstrap", required=True)
-    ap.add_argument("--bin", required=True, help="fraudstream's release binary")
-    ap.add_argument("--broker-pid", type=int, required=True)
-    ap.add_argument("--payloads", required=True, help="directory of gen_payloads.py's files")
+    ap.add_argument("--render", metavar="JSON",
+                    help="only write the table and plot of an earlier run's JSON beside it")
+    ap.add_argument("--bootstrap")
+    ap.add_argument("--bin", help="fraudstream's release binary")
+    ap.add_argument("--broker-pid", type=int)
+    ap.add_argument("--payloads", help="directory of gen_payloads.py's files")
     ap.add_argument("--peer-run", default=os.path.join(REPO, "bench", "peers", "kafka-streams", "run"))
     ap.add_argument("--http-run", default=os.path.join(REPO, "bench", "peers", "http", "run"))
     ap.add_argument("--systems", default=",".join(n for n in SYSTEMS if not n.endswith("-w1")))
@@ -434,6 +446,14 @@ def main():
     ap.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
     ap.add_argument("--work", default="/tmp")
     args = ap.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            report(json.load(f), os.path.splitext(args.render)[0])
+        return
+    missing = [f"--{a.replace('_', '-')}" for a in ("bootstrap", "bin", "broker_pid", "payloads")
+               if getattr(args, a) is None]
+    if missing:
+        ap.error(f"required: {', '.join(missing)}")
     args.systems = [s for s in args.systems.split(",") if s]
     for s in args.systems:
         if s not in SYSTEMS:
@@ -476,6 +496,11 @@ def main():
     base = os.path.join(args.out, run)
     with open(base + ".json", "w") as f:
         json.dump(result, f, indent=1)
+    report(result, base)
+
+
+def report(result, base):
+    """Writes `base`.md (the table) and `base`.png (the plot) of `result`."""
     table = markdown(result)
     with open(base + ".md", "w") as f:
         f.write(table)
