@@ -1,10 +1,11 @@
 //! Per-entity state: stateful features reach the verdict, and state is applied exactly once
-//! when the scorer is killed and restarted mid-stream.
+//! when the scorer is killed and restarted mid-stream, forwarded records included.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use fraudstream::decision::Verdict;
+use fraudstream::source::partitioner::partition_for;
 
 use crate::util::*;
 
@@ -209,4 +210,76 @@ async fn state_is_applied_once_when_killed_and_restarted() {
         .map(|c| c[0].features.as_ref().unwrap()["customer_tx_count_1h"] as u32)
         .collect();
     assert!(counts.len() > 10, "{counts:?}");
+}
+
+/// At-least-once forwards records outside the transaction: a crash after their
+/// acknowledgement and before the commit forwards them again. Their task skips the copies, so
+/// its state changes once and every verdict (duplicates included) is the clean run's.
+#[tokio::test(flavor = "multi_thread")]
+async fn at_least_once_applies_a_record_forwarded_twice_once() {
+    const ALO: (&str, &str) = ("FRAUDSTREAM__PROCESSING__GUARANTEE", "at-least-once");
+    // All on partition 0, for customers whose partition is 1 or 2: every one is forwarded.
+    let records: Vec<(String, Vec<u8>)> = stream(9_000)
+        .into_iter()
+        .filter(|(c, _)| partition_for(c.as_bytes(), 3) != 0)
+        .collect();
+    let n = records.len();
+    let clean = topics("alo-clean", 3).await;
+    send_all_to(&producer(), &clean.transactions, Some(0), &records).await;
+    let crash = {
+        let other = topics("alo-crash", 3).await;
+        Topics {
+            transactions: clean.transactions.clone(),
+            ..other
+        }
+    };
+
+    let mut a = Scorer::start(&clean, &[AUDIT, ALO]);
+    let expected = all_verdicts(&clean, n, &a).await;
+    a.stop();
+
+    // Aborts itself in its third commit, after the forwards were acknowledged.
+    let mut first = Scorer::start(
+        &crash,
+        &[
+            AUDIT,
+            ALO,
+            ("FRAUDSTREAM__BATCH__MAX_RECORDS", "50"),
+            ("FRAUDSTREAM_TEST_CRASH", "before-offsets:3"),
+        ],
+    );
+    let status = first.wait(Duration::from_secs(120));
+    assert!(!status.success(), "log:\n{}", first.log_text());
+    let mut second = Scorer::start(&crash, &[AUDIT, ALO]);
+    let got = all_verdicts(&crash, n, &second).await;
+    for (id, copies) in &got {
+        let want = &expected[id][0];
+        for v in copies {
+            assert_eq!(
+                v.features, want.features,
+                "features of {id} differ from the clean run"
+            );
+            assert_eq!(v.score, want.score, "score of {id}");
+        }
+    }
+    assert_eq!(got.len(), n);
+
+    let forwarded = read_all(&format!("{}-repartition", crash.group)).len();
+    assert!(
+        forwarded > n,
+        "nothing was forwarded twice; the test proves nothing"
+    );
+    let (_, metrics) = second.http_get("/metrics").await;
+    let skipped: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("fraudstream_repartition_copies_skipped_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0.0);
+    assert_eq!(
+        skipped as usize,
+        forwarded - n,
+        "every copy skipped, and nothing else"
+    );
+    second.stop();
 }

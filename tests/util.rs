@@ -302,11 +302,24 @@ pub fn read_all(topic: &str) -> Vec<OwnedMessage> {
 
 /// Produces many records without waiting for each acknowledgement in turn.
 pub async fn send_all(p: &FutureProducer, topic: &str, records: &[(String, Vec<u8>)]) {
+    send_all_to(p, topic, None, records).await
+}
+
+/// [`send_all`] to one `partition` (`None`: by key).
+pub async fn send_all_to(
+    p: &FutureProducer,
+    topic: &str,
+    partition: Option<i32>,
+    records: &[(String, Vec<u8>)],
+) {
     let mut futures = Vec::with_capacity(records.len());
     for (k, v) in records {
         let mut r = FutureRecord::to(topic)
             .key(k.as_bytes())
             .payload(v.as_slice());
+        if let Some(partition) = partition {
+            r = r.partition(partition);
+        }
         loop {
             match p.send_result(r) {
                 Ok(f) => {
@@ -460,8 +473,14 @@ impl Reader {
     }
 }
 
+/// The value of header `name`, as text.
 pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
-    fraudstream::sink::header(m, name)
+    use rdkafka::message::Headers;
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// The admin token every test scorer is given (`metrics.admin-token`).

@@ -14,7 +14,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use super::intake::{Event, Record, KIND_HEADER};
 use super::merge::Queued;
 use super::score::Scoring;
-use crate::config::{Settings, VerdictFormat};
+use crate::config::{Guarantee, Settings, VerdictFormat};
 use crate::decision::rules::{self, RuleSet};
 use crate::decision::{assemble, Decision, Facts, Reason, ShadowScore, Verdict};
 use crate::decode::{DecodeError, ErrorKind, NavigationEvent, Transaction};
@@ -26,7 +26,7 @@ use crate::state::global::GlobalTables;
 use crate::state::{Hasher, Loader, StateBatch, StateError};
 use crate::telemetry;
 
-/// Dead-letter header names.
+/// Header names of dead letters, and of forwarded records (their source partition and offset).
 pub mod headers {
     pub const ERROR_KIND: &str = "fraudstream.error.kind";
     pub const ERROR_MESSAGE: &str = "fraudstream.error.message";
@@ -88,6 +88,9 @@ pub struct Processor {
     max_future_skew_ms: i64,
     /// Most bytes of a dead letter (see [`dead_letter`]).
     dead_letter_max_bytes: usize,
+    /// At-least-once: records are forwarded outside the transaction, so a crash forwards
+    /// some again; the copies are skipped ([`StateBatch::first_forward`]).
+    skip_forwarded_copies: bool,
     rows: Vec<f32>,
     audit_rows: Vec<f32>,
     shadow_rows: Vec<f32>,
@@ -133,6 +136,7 @@ impl Processor {
             max_future_skew_ms: i64::try_from(settings.input.max_future_skew_ms)
                 .unwrap_or(i64::MAX),
             dead_letter_max_bytes,
+            skip_forwarded_copies: settings.processing.guarantee == Guarantee::AtLeastOnce,
             rows: Vec::new(),
             audit_rows: Vec::new(),
             shadow_rows: Vec::new(),
@@ -193,7 +197,7 @@ impl Processor {
         out: &mut Output,
     ) -> Result<(), StateError> {
         let mut dead = [0u64; ErrorKind::ALL.len()];
-        let mut forwarded = 0u64;
+        let (mut forwarded, mut copies) = (0u64, 0u64);
         let global = self.global.clone();
         let tables = global.read().unwrap_or_else(|e| e.into_inner());
         // Transactions of the current partition, scored together.
@@ -209,6 +213,12 @@ impl Processor {
                 current = Some(p);
             }
             let rec = &q.item;
+            if let Some((source, offset)) = rec.forwarded_from {
+                if self.skip_forwarded_copies && !state.first_forward(p, source, offset, loader)? {
+                    copies += 1;
+                    continue;
+                }
+            }
             if let Some(e) = self.too_far_ahead(p, q.time, state, stream_time) {
                 dead[e.kind as usize] += 1;
                 out.dead_letters
@@ -257,6 +267,13 @@ impl Processor {
         }
         if forwarded > 0 {
             metrics::counter!(telemetry::REPARTITIONED).increment(forwarded);
+        }
+        if copies > 0 {
+            tracing::warn!(
+                count = copies,
+                "Forwarded records skipped: applied already (forwarded again after a crash; if an input's offsets went back, its state needs a reset too)."
+            );
+            metrics::counter!(telemetry::REPARTITION_COPIES).increment(copies);
         }
         for (kind, n) in ErrorKind::ALL.iter().zip(dead) {
             if n > 0 {
@@ -558,12 +575,21 @@ fn audit_set(features: &FeatureSet) -> anyhow::Result<FeatureSet> {
 }
 
 /// A record re-keyed by its customer, to the repartition topic's partition for it, with the
-/// original value, headers saying what it is, and its timestamp.
+/// original value, headers saying what it is and where it was read, and its timestamp.
 fn forward(m: &OwnedMessage, kind: &str, customer: &str, partition: i32) -> OutRecord {
-    let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
-        key: KIND_HEADER,
-        value: Some(kind),
-    });
+    let headers = OwnedHeaders::new_with_capacity(3)
+        .insert(Header {
+            key: KIND_HEADER,
+            value: Some(kind),
+        })
+        .insert(Header {
+            key: headers::SOURCE_PARTITION,
+            value: Some(&m.partition().to_string()),
+        })
+        .insert(Header {
+            key: headers::SOURCE_OFFSET,
+            value: Some(&m.offset().to_string()),
+        });
     OutRecord {
         topic: Topic::Repartition,
         partition: Some(partition),

@@ -14,10 +14,12 @@
 //! transaction. On an abort the caller drops the uncommitted state and what the merge holds,
 //! and rewinds the consumer to the committed offsets.
 //!
-//! At-least-once differs in one thing: verdicts and dead letters go out at once through an
-//! idempotent producer outside the transaction (visible before the commit), and the commit
-//! waits for their acknowledgements before committing the offsets. After a crash they may be
-//! produced again, identical, since the state they were computed from was not committed.
+//! At-least-once differs in one thing: forwarded records, verdicts and dead letters go out at
+//! once through an idempotent producer outside the transaction (visible before the commit),
+//! and the commit waits for their acknowledgements before committing the offsets. After a
+//! crash they may be produced again, identical, since the state they were computed from was
+//! not committed; a forwarded record's task skips the second copy
+//! ([`crate::state::StateBatch::first_forward`]), so its state changes once.
 //!
 //! Commits happen every `processing.commit-interval-ms`, on revoke and at shutdown.
 
@@ -106,7 +108,7 @@ pub struct Committed {
 pub struct Committer {
     guarantee: Guarantee,
     tx: Sink,
-    /// At-least-once: verdicts and dead letters, outside the transaction.
+    /// At-least-once: forwards, verdicts and dead letters, outside the transaction.
     direct: Option<Sink>,
     open: bool,
     /// An abort was started and has not finished (the broker was away).
@@ -191,11 +193,13 @@ impl Committer {
         processed: impl IntoIterator<Item = (String, i32, i64)>,
     ) -> Result<(), CommitError> {
         self.begin()?;
-        for r in &out.forwards {
-            self.tx.send(r).map_err(|e| self.failed(e))?;
-        }
         let outside = self.direct.as_ref();
-        for r in out.dead_letters.iter().chain(&out.verdicts) {
+        for r in out
+            .forwards
+            .iter()
+            .chain(&out.dead_letters)
+            .chain(&out.verdicts)
+        {
             match outside {
                 Some(direct) => direct.send(r),
                 None => self.tx.send(r),

@@ -4,8 +4,9 @@
 //! partition murmur2(customer id) mod n, the Java client's choice for a record keyed by its
 //! customer. One that arrived on another partition (unkeyed, keyed otherwise, or written by a
 //! producer with another partitioner, such as librdkafka's CRC32 default) is forwarded to the
-//! repartition topic's partition for its customer instead, with a header saying what it is.
-//! Records read from the repartition topic are processed where they are.
+//! repartition topic's partition for its customer instead, with headers saying what it is
+//! and where it was read (its source partition and offset). Records read from the
+//! repartition topic are processed where they are.
 //!
 //! Every assigned input partition has a queue of its own ([`Queues`]), split off the
 //! consumer's once its state is restored, and the loop takes an equal share from each in
@@ -18,13 +19,15 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedMessage};
 
+use super::batch::headers::{SOURCE_OFFSET, SOURCE_PARTITION};
 use super::merge::{Queued, NAV, REPARTITION, TX};
 use super::rebalance::{GroupConsumer, GroupContext};
 use crate::decode::{DecodeError, Decoder, NavigationEvent, Transaction};
 use crate::source::partitioner::partition_for;
 use crate::source::QueueLength;
+use crate::state::Source;
 
 /// Header of a repartitioned record: `transaction` or `navigation`.
 pub const KIND_HEADER: &str = "fraudstream.kind";
@@ -46,6 +49,9 @@ pub enum Event {
 pub struct Record {
     pub msg: OwnedMessage,
     pub event: Event,
+    /// Read from the repartition topic: where it was read before it was forwarded, and at
+    /// which offset (`None` if the forwarding version did not say).
+    pub forwarded_from: Option<(Source, i64)>,
 }
 
 impl Record {
@@ -62,13 +68,10 @@ pub fn accept(
     msg: OwnedMessage,
     now: Instant,
 ) -> Queued<Record> {
-    let kind = if input == REPARTITION {
-        match crate::sink::header(&msg, KIND_HEADER).as_deref() {
-            Some("navigation") => NAV,
-            _ => TX,
-        }
+    let (kind, forwarded_from) = if input == REPARTITION {
+        forwarded(&msg)
     } else {
-        input
+        (input, None)
     };
     let p = msg.partition();
     let home = |customer: &str| {
@@ -114,8 +117,35 @@ pub fn accept(
         time,
         arrived: now,
         bytes,
-        item: Record { msg, event },
+        item: Record {
+            msg,
+            event,
+            forwarded_from,
+        },
     }
+}
+
+/// What a record read from the repartition topic is (its input, [`TX`] or [`NAV`]), and
+/// where it was read before it was forwarded, from its headers.
+fn forwarded(msg: &OwnedMessage) -> (usize, Option<(Source, i64)>) {
+    let (mut input, mut partition, mut offset) = (TX, None, None);
+    for h in msg.headers().iter().flat_map(|h| h.iter()) {
+        let number = || std::str::from_utf8(h.value?).ok()?.parse::<i64>().ok();
+        match h.key {
+            KIND_HEADER if h.value == Some(b"navigation") => input = NAV,
+            SOURCE_PARTITION => partition = number().and_then(|p| i32::try_from(p).ok()),
+            SOURCE_OFFSET => offset = number(),
+            _ => {}
+        }
+    }
+    let source = partition.zip(offset).map(|(partition, offset)| {
+        let source = Source {
+            input: input as u8,
+            partition,
+        };
+        (source, offset)
+    });
+    (input, source)
 }
 
 /// Memory a buffered record holds: its message (key, value, headers), what was decoded from

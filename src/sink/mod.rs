@@ -285,13 +285,3 @@ impl Sink {
             .unwrap_or_default()
     }
 }
-
-/// The value of a message header, as text.
-pub fn header<M: rdkafka::Message>(m: &M, name: &str) -> Option<String> {
-    use rdkafka::message::Headers;
-    let h = m.headers()?;
-    h.iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-}

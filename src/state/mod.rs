@@ -13,4 +13,6 @@ pub mod window;
 
 pub use entities::{CustomerState, EntityKind, MerchantState, SessionState};
 pub use keys::{Hasher, Key};
-pub use store::{Checkpoint, InMemory, Loader, StateBatch, StateError, Store, DEFAULT_CACHE_BYTES};
+pub use store::{
+    Checkpoint, InMemory, Loader, Source, StateBatch, StateError, Store, DEFAULT_CACHE_BYTES,
+};

@@ -1,6 +1,6 @@
 //! The RocksDB store: one database per instance, a column family per entity kind, and per
-//! partition in `meta` the changelog checkpoint (the changelog offset the state reflects)
-//! and the stream time.
+//! partition in `meta` the changelog checkpoint (the changelog offset the state reflects),
+//! the stream time and the forward marks (see [`StateBatch::first_forward`]).
 //!
 //! The store is a cache of the changelog: it is only ever written with state that a Kafka
 //! transaction has committed ([`Store::commit`], after the transaction), or with records read
@@ -40,6 +40,10 @@ pub const DEFAULT_CACHE_BYTES: usize = 96 << 20;
 
 /// Changelog key tag of a partition's stream time (entities use [`EntityKind::tag`]).
 const STREAM_TIME_TAG: u8 = b't';
+
+/// Changelog key tag of a forward mark: the last source offset of one source partition whose
+/// forwarded record a task applied.
+const FORWARD_MARK_TAG: u8 = b'f';
 
 /// State errors are fatal: the transaction is not committed, and a restart resumes from the
 /// last committed one.
@@ -160,6 +164,16 @@ pub trait Loader {
     fn customer(&self, key: &Key) -> Result<Option<CustomerState>, StateError>;
     fn merchant(&self, key: &Key) -> Result<Option<MerchantState>, StateError>;
     fn session(&self, key: &Key) -> Result<Option<SessionState>, StateError>;
+    /// The committed forward mark of `task` for `source` (see [`StateBatch::first_forward`]).
+    fn forward_mark(&self, task: i32, source: Source) -> Result<Option<i64>, StateError>;
+}
+
+/// Where a forwarded record was read before it was forwarded: its input (the merge's index)
+/// and partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Source {
+    pub input: u8,
+    pub partition: i32,
 }
 
 /// Everything is in the batch already (replay).
@@ -173,6 +187,9 @@ impl Loader for InMemory {
         Ok(None)
     }
     fn session(&self, _: &Key) -> Result<Option<SessionState>, StateError> {
+        Ok(None)
+    }
+    fn forward_mark(&self, _: i32, _: Source) -> Result<Option<i64>, StateError> {
         Ok(None)
     }
 }
@@ -189,6 +206,9 @@ pub struct StateBatch {
     pub expired: Vec<(EntityKind, Key)>,
     /// Partition → its stream time (the newest event time applied), where it moved.
     pub stream_time: BTreeMap<i32, i64>,
+    /// (task, source) → the source offset of the last forwarded record the task applied,
+    /// where it moved.
+    pub forward_marks: BTreeMap<(i32, Source), i64>,
 }
 
 impl StateBatch {
@@ -198,6 +218,7 @@ impl StateBatch {
         self.sessions.clear();
         self.expired.clear();
         self.stream_time.clear();
+        self.forward_marks.clear();
     }
 
     pub fn is_empty(&self) -> bool {
@@ -206,6 +227,7 @@ impl StateBatch {
             && self.sessions.is_empty()
             && self.expired.is_empty()
             && self.stream_time.is_empty()
+            && self.forward_marks.is_empty()
     }
 
     /// Drops what the batch holds for `partition` (revoked: its state is the next owner's).
@@ -219,6 +241,31 @@ impl StateBatch {
         self.expired
             .retain(|(_, k)| keys::partition_of(k) != partition);
         self.stream_time.remove(&partition);
+        self.forward_marks.retain(|(task, _), _| *task != partition);
+    }
+
+    /// Whether the forwarded record read at `offset` of `source` is new to `task`, and if so
+    /// marks it applied. Under at-least-once a record is forwarded outside the transaction,
+    /// so a crash before the commit forwards it again (identical): the copy comes after the
+    /// first in the repartition partition, since a source partition's records are forwarded
+    /// in offset order by an idempotent producer, and each owner starts where the last
+    /// committed; so a record at or below the mark was applied already.
+    pub fn first_forward(
+        &mut self,
+        task: i32,
+        source: Source,
+        offset: i64,
+        loader: &impl Loader,
+    ) -> Result<bool, StateError> {
+        let mark = match self.forward_marks.get(&(task, source)) {
+            Some(&m) => Some(m),
+            None => loader.forward_mark(task, source)?,
+        };
+        if mark.is_some_and(|m| offset <= m) {
+            return Ok(false);
+        }
+        self.forward_marks.insert((task, source), offset);
+        Ok(true)
     }
 
     /// Raises `partition`'s stream time to `event_time_ms`; `known` is its committed value.
@@ -300,6 +347,11 @@ impl StateBatch {
         for (&p, &t) in &self.stream_time {
             out.push((p, stream_time_key(p), Some(t.to_le_bytes().to_vec())));
         }
+        for (&(task, source), &offset) in &self.forward_marks {
+            let mut key = vec![FORWARD_MARK_TAG, source.input];
+            key.extend_from_slice(&(source.partition as u32).to_be_bytes());
+            out.push((task, key, Some(offset.to_le_bytes().to_vec())));
+        }
         out
     }
 }
@@ -320,6 +372,17 @@ fn checkpoint_time_key(partition: i32) -> Vec<u8> {
 
 fn meta_stream_time_key(partition: i32) -> Vec<u8> {
     format!("stream-time/{partition}").into_bytes()
+}
+
+/// The forward marks of `task`, each `forward/<task>/<input>/<source partition>`.
+fn meta_forward_prefix(task: i32) -> Vec<u8> {
+    format!("forward/{task}/").into_bytes()
+}
+
+fn meta_forward_key(task: i32, source: Source) -> Vec<u8> {
+    let mut key = meta_forward_prefix(task);
+    key.extend_from_slice(format!("{}/{}", source.input, source.partition).as_bytes());
+    key
 }
 
 const INSTANCE_KEY: &[u8] = b"instance-id";
@@ -496,6 +559,11 @@ impl Store {
         self.meta_i64(&meta_stream_time_key(partition))
     }
 
+    /// The forward mark of `task` for `source` as last committed.
+    pub fn forward_mark(&self, task: i32, source: Source) -> Result<Option<i64>, StateError> {
+        self.meta_i64(&meta_forward_key(task, source))
+    }
+
     /// Writes a committed batch with the changelog checkpoints it reflects (partition → next
     /// changelog offset), atomically, and empties it (its entities move to the recent ones).
     /// Not synced: a write lost to a machine crash leaves the store behind its changelog,
@@ -528,6 +596,13 @@ impl Store {
         }
         for (p, t) in &batch.stream_time {
             wb.put_cf(self.cf(META), meta_stream_time_key(*p), t.to_le_bytes());
+        }
+        for (&(task, source), offset) in &batch.forward_marks {
+            wb.put_cf(
+                self.cf(META),
+                meta_forward_key(task, source),
+                offset.to_le_bytes(),
+            );
         }
         for (p, next) in checkpoints {
             wb.put_cf(self.cf(META), checkpoint_key(*p), next.to_le_bytes());
@@ -566,6 +641,10 @@ impl Store {
         wb.delete_cf(self.cf(META), checkpoint_key(partition));
         wb.delete_cf(self.cf(META), checkpoint_time_key(partition));
         wb.delete_cf(self.cf(META), meta_stream_time_key(partition));
+        let marks = meta_forward_prefix(partition);
+        let mut end = marks.clone();
+        *end.last_mut().expect("not empty") += 1;
+        wb.delete_range_cf(self.cf(META), marks, end);
         self.recent.borrow_mut().clear();
         self.db.write(wb)?;
         Ok(())
@@ -589,6 +668,19 @@ impl Store {
             if tag == STREAM_TIME_TAG {
                 if let Some(v) = value {
                     wb.put_cf(self.cf(META), meta_stream_time_key(partition), v);
+                }
+                continue;
+            }
+            if tag == FORWARD_MARK_TAG {
+                let source = match rest {
+                    [input, p @ ..] if p.len() == 4 => Source {
+                        input: *input,
+                        partition: u32::from_be_bytes(p.try_into().expect("4")) as i32,
+                    },
+                    _ => return Err(CodecError("forward mark key is not a source".into()).into()),
+                };
+                if let Some(v) = value {
+                    wb.put_cf(self.cf(META), meta_forward_key(partition, source), v);
                 }
                 continue;
             }
@@ -677,14 +769,20 @@ impl Loader for Store {
     fn session(&self, key: &Key) -> Result<Option<SessionState>, StateError> {
         Store::session(self, key)
     }
+    fn forward_mark(&self, task: i32, source: Source) -> Result<Option<i64>, StateError> {
+        Store::forward_mark(self, task, source)
+    }
 }
 
-/// A changelog record's partition-relative meaning, for `state-export` and tests: `Some`
-/// (kind name, state key) for an entity, `None` for a partition's stream time.
+/// What a changelog record holds, for `state-export` and tests: an entity kind's name,
+/// `stream-time` or `forward-mark`; `None` for an unknown tag.
 pub fn describe_changelog_key(key: &[u8]) -> Option<&'static str> {
     let (&tag, _) = key.split_first()?;
     if tag == STREAM_TIME_TAG {
         return Some("stream-time");
+    }
+    if tag == FORWARD_MARK_TAG {
+        return Some("forward-mark");
     }
     EntityKind::from_tag(tag).map(EntityKind::name)
 }
@@ -911,6 +1009,74 @@ mod tests {
         copy.drop_partition(1).unwrap();
         assert!(copy.customer(&new).unwrap().is_none());
         assert_eq!(copy.checkpoint(1).unwrap(), None);
+        let _ = std::fs::remove_dir_all(&a);
+        let _ = std::fs::remove_dir_all(&b);
+    }
+
+    /// A forwarded record at or below its task's mark for its source is a copy: skipped
+    /// whether the mark is in the batch, committed to the store, or restored from the
+    /// changelog; marks are per task and source, and go with a dropped partition.
+    #[test]
+    fn forward_marks_tell_copies_from_new_records() {
+        let (a, b) = (temp("marks-a"), temp("marks-b"));
+        let store = Store::open(&a, DEFAULT_CACHE_BYTES).unwrap();
+        let tx0 = Source {
+            input: 2,
+            partition: 0,
+        };
+        let nav0 = Source {
+            input: 0,
+            partition: 0,
+        };
+        let mut batch = StateBatch::default();
+        assert!(batch.first_forward(1, tx0, 10, &store).unwrap());
+        assert!(batch.first_forward(1, tx0, 12, &store).unwrap());
+        assert!(!batch.first_forward(1, tx0, 12, &store).unwrap(), "a copy");
+        assert!(!batch.first_forward(1, tx0, 11, &store).unwrap(), "older");
+        assert!(
+            batch.first_forward(1, nav0, 5, &store).unwrap(),
+            "another input"
+        );
+        assert!(
+            batch.first_forward(2, tx0, 3, &store).unwrap(),
+            "another task"
+        );
+        let records = batch.changelog_records();
+        store.commit(&mut batch, &BTreeMap::new(), 0).unwrap();
+        assert_eq!(store.forward_mark(1, tx0).unwrap(), Some(12));
+
+        // Committed: the next batch reads the mark from the store.
+        let mut next = StateBatch::default();
+        assert!(!next.first_forward(1, tx0, 12, &store).unwrap());
+        assert!(next.first_forward(1, tx0, 13, &store).unwrap());
+
+        // Restored from the changelog (task 1's records) into another store.
+        let task1: Vec<(Vec<u8>, Option<Vec<u8>>)> = records
+            .into_iter()
+            .filter(|(p, _, _)| *p == 1)
+            .map(|(_, k, v)| (k, v))
+            .collect();
+        assert_eq!(task1.len(), 2);
+        assert!(task1
+            .iter()
+            .all(|(k, _)| describe_changelog_key(k) == Some("forward-mark")));
+        let copy = Store::open(&b, DEFAULT_CACHE_BYTES).unwrap();
+        copy.restore(1, &task1, 2, 0).unwrap();
+        assert_eq!(copy.forward_mark(1, tx0).unwrap(), Some(12));
+        assert_eq!(copy.forward_mark(1, nav0).unwrap(), Some(5));
+        assert_eq!(
+            copy.forward_mark(2, tx0).unwrap(),
+            None,
+            "task 2's is not here"
+        );
+        copy.drop_partition(1).unwrap();
+        assert_eq!(copy.forward_mark(1, tx0).unwrap(), None);
+        store.drop_partition(1).unwrap();
+        assert_eq!(
+            store.forward_mark(2, tx0).unwrap(),
+            Some(3),
+            "another task's stays"
+        );
         let _ = std::fs::remove_dir_all(&a);
         let _ = std::fs::remove_dir_all(&b);
     }

@@ -82,6 +82,9 @@ pub const GLOBAL_REFUSED: &str = "fraudstream_global_table_refused_total";
 pub const MERGE_BUFFERED_BYTES: &str = "fraudstream_merge_buffered_bytes";
 /// Counter: records forwarded to the repartition topic (not on murmur2(customer)'s partition).
 pub const REPARTITIONED: &str = "fraudstream_repartitioned_total";
+/// Counter: forwarded records read again after a crash forwarded them twice (at-least-once),
+/// skipped.
+pub const REPARTITION_COPIES: &str = "fraudstream_repartition_copies_skipped_total";
 
 const LATENCY_BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -174,6 +177,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_counter!(
         REPARTITIONED,
         "Records forwarded to the repartition topic because they were not on their customer's partition."
+    );
+    metrics::describe_counter!(
+        REPARTITION_COPIES,
+        "Forwarded records skipped because their task had applied them already (forwarded again after a crash, at-least-once)."
     );
     metrics::describe_gauge!(
         MODEL_INFO,
