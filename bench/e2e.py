@@ -153,7 +153,10 @@ class Reader(threading.Thread):
 
     def run(self):
         while not self.stopped:
-            msgs = self.c.consume(2000, 0.05)
+            # consume() returns once it has 2,000 records or its timeout is over: each verdict
+            # read in that window waits for its end, so the timeout is part of every latency
+            # figure (50 ms here until this was found: about 25 ms added to each p50).
+            msgs = self.c.consume(2000, 0.002)
             now = time.time()
             for m in msgs:
                 if m.error():
