@@ -143,6 +143,25 @@ async fn all_verdicts(t: &Topics, n: usize, scorer: &Scorer) -> HashMap<String, 
     verdicts_by_id(&reader.messages)
 }
 
+/// Every verdict of all `n` transactions (duplicates too) has the clean run's features and score.
+fn assert_as_clean(
+    got: &HashMap<String, Vec<Verdict>>,
+    expected: &HashMap<String, Vec<Verdict>>,
+    n: usize,
+) {
+    for (id, copies) in got {
+        let want = &expected[id][0];
+        for v in copies {
+            assert_eq!(
+                v.features, want.features,
+                "features of {id} differ from the clean run"
+            );
+            assert_eq!(v.score, want.score, "score of {id}");
+        }
+    }
+    assert_eq!(got.len(), n);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn state_is_applied_once_when_killed_and_restarted() {
     let n = 20_000;
@@ -191,19 +210,7 @@ async fn state_is_applied_once_when_killed_and_restarted() {
         twice.len(),
         &twice[..twice.len().min(5)]
     );
-    let mut compared = 0;
-    for (id, copies) in &got {
-        let want = &expected[id][0];
-        for v in copies {
-            assert_eq!(
-                v.features, want.features,
-                "features of {id} differ from the clean run"
-            );
-            assert_eq!(v.score, want.score, "score of {id}");
-        }
-        compared += 1;
-    }
-    assert_eq!(compared, n);
+    assert_as_clean(&got, &expected, n);
     // The windows really vary, so equality is not trivial.
     let counts: std::collections::HashSet<u32> = expected
         .values()
@@ -252,30 +259,16 @@ async fn at_least_once_applies_a_record_forwarded_twice_once() {
     assert!(!status.success(), "log:\n{}", first.log_text());
     let mut second = Scorer::start(&crash, &[AUDIT, ALO]);
     let got = all_verdicts(&crash, n, &second).await;
-    for (id, copies) in &got {
-        let want = &expected[id][0];
-        for v in copies {
-            assert_eq!(
-                v.features, want.features,
-                "features of {id} differ from the clean run"
-            );
-            assert_eq!(v.score, want.score, "score of {id}");
-        }
-    }
-    assert_eq!(got.len(), n);
+    assert_as_clean(&got, &expected, n);
 
     let forwarded = read_all(&format!("{}-repartition", crash.group)).len();
     assert!(
         forwarded > n,
         "nothing was forwarded twice; the test proves nothing"
     );
-    let (_, metrics) = second.http_get("/metrics").await;
-    let skipped: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("fraudstream_repartition_copies_skipped_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(0.0);
+    let skipped = second
+        .metric("fraudstream_repartition_copies_skipped_total")
+        .await;
     assert_eq!(
         skipped as usize,
         forwarded - n,

@@ -309,13 +309,7 @@ async fn unkeyed_input_is_rekeyed_by_customer() {
         totals.sort();
         assert_eq!(totals, (0..per as u32).collect::<Vec<_>>(), "customer c{c}");
     }
-    let (_, metrics) = scorer.http_get("/metrics").await;
-    let forwarded: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("fraudstream_repartitioned_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(0.0);
+    let forwarded = scorer.metric("fraudstream_repartitioned_total").await;
     assert_eq!(forwarded as usize, elsewhere);
     scorer.stop();
 }

@@ -645,6 +645,16 @@ impl Scorer {
         self.http("GET", path).await
     }
 
+    /// The value of an unlabelled metric (0 when it was never counted).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.http_get("/metrics").await;
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
