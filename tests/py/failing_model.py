@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-LAYERS = 1000
+LAYERS = 4000
 SIDE = 512
 
 
