@@ -274,13 +274,15 @@ async fn default_model_scores_sparkov_transactions_as_offline() {
     scorer.stop();
 }
 
-/// A transaction's `traceparent` reaches its verdict's record; a dead letter keeps the
-/// original message's headers beside its own; a verdict's timestamp is its transaction's.
+/// A transaction's `traceparent` reaches its verdict's record, through the repartition topic
+/// too; a dead letter keeps the original message's headers beside its own; a verdict's
+/// timestamp is its transaction's.
 #[tokio::test(flavor = "multi_thread")]
 async fn trace_context_and_original_headers_are_carried() {
+    use fraudstream::source::partitioner::partition_for;
     use rdkafka::message::{Header, Headers, OwnedHeaders};
     use rdkafka::producer::FutureRecord;
-    let t = topics("trace", 1).await;
+    let t = topics("trace", 2).await;
     let rows = sample();
     let p = producer();
     let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -290,9 +292,11 @@ async fn trace_context_and_original_headers_are_carried() {
         key: "traceparent",
         value: Some(trace),
     });
+    // On the partition that is not its customer's: forwarded before it is scored.
     p.send(
         FutureRecord::to(&t.transactions)
             .key("c")
+            .partition(1 - partition_for(b"c", 2))
             .payload(&good)
             .headers(headers)
             .timestamp(sent_at),

@@ -575,9 +575,18 @@ fn audit_set(features: &FeatureSet) -> anyhow::Result<FeatureSet> {
 }
 
 /// A record re-keyed by its customer, to the repartition topic's partition for it, with the
-/// original value, headers saying what it is and where it was read, and its timestamp.
+/// original value, headers (a trace context among them; not the sender's `fraudstream.*`
+/// ones) and timestamp, and headers of its own saying what it is and where it was read.
 fn forward(m: &OwnedMessage, kind: &str, customer: &str, partition: i32) -> OutRecord {
-    let headers = OwnedHeaders::new_with_capacity(3)
+    use rdkafka::message::Headers;
+    let original = m.headers();
+    let mut headers = OwnedHeaders::new_with_capacity(3 + original.map_or(0, |h| h.count()));
+    for h in original.iter().flat_map(|h| h.iter()) {
+        if !h.key.starts_with("fraudstream.") {
+            headers = headers.insert(h);
+        }
+    }
+    let headers = headers
         .insert(Header {
             key: KIND_HEADER,
             value: Some(kind),
