@@ -27,7 +27,7 @@ use super::rebalance::{GroupConsumer, GroupContext};
 use crate::decode::{DecodeError, Decoder, NavigationEvent, Transaction};
 use crate::source::partitioner::partition_for;
 use crate::source::QueueLength;
-use crate::state::Source;
+use crate::state::SourcePartition;
 
 /// Header of a repartitioned record: `transaction` or `navigation`.
 pub const KIND_HEADER: &str = "fraudstream.kind";
@@ -51,7 +51,7 @@ pub struct Record {
     pub event: Event,
     /// Read from the repartition topic: where it was read before it was forwarded, and at
     /// which offset (`None` if the forwarding version did not say).
-    pub forwarded_from: Option<(Source, i64)>,
+    pub forwarded_from: Option<(SourcePartition, i64)>,
 }
 
 impl Record {
@@ -127,7 +127,7 @@ pub fn accept(
 
 /// What a record read from the repartition topic is (its input, [`TX`] or [`NAV`]), and
 /// where it was read before it was forwarded, from its headers.
-fn forwarded(msg: &OwnedMessage) -> (usize, Option<(Source, i64)>) {
+fn forwarded(msg: &OwnedMessage) -> (usize, Option<(SourcePartition, i64)>) {
     let (mut input, mut partition, mut offset) = (TX, None, None);
     for h in msg.headers().iter().flat_map(|h| h.iter()) {
         let number = || std::str::from_utf8(h.value?).ok()?.parse::<i64>().ok();
@@ -139,7 +139,7 @@ fn forwarded(msg: &OwnedMessage) -> (usize, Option<(Source, i64)>) {
         }
     }
     let source = partition.zip(offset).map(|(partition, offset)| {
-        let source = Source {
+        let source = SourcePartition {
             input: input as u8,
             partition,
         };

@@ -14,5 +14,6 @@ pub mod window;
 pub use entities::{CustomerState, EntityKind, MerchantState, SessionState};
 pub use keys::{Hasher, Key};
 pub use store::{
-    Checkpoint, InMemory, Loader, Source, StateBatch, StateError, Store, DEFAULT_CACHE_BYTES,
+    Checkpoint, InMemory, Loader, SourcePartition, StateBatch, StateError, Store,
+    DEFAULT_CACHE_BYTES,
 };

@@ -165,13 +165,13 @@ pub trait Loader {
     fn merchant(&self, key: &Key) -> Result<Option<MerchantState>, StateError>;
     fn session(&self, key: &Key) -> Result<Option<SessionState>, StateError>;
     /// The committed forward mark of `task` for `source` (see [`StateBatch::first_forward`]).
-    fn forward_mark(&self, task: i32, source: Source) -> Result<Option<i64>, StateError>;
+    fn forward_mark(&self, task: i32, source: SourcePartition) -> Result<Option<i64>, StateError>;
 }
 
 /// Where a forwarded record was read before it was forwarded: its input (the merge's index)
 /// and partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Source {
+pub struct SourcePartition {
     pub input: u8,
     pub partition: i32,
 }
@@ -189,7 +189,7 @@ impl Loader for InMemory {
     fn session(&self, _: &Key) -> Result<Option<SessionState>, StateError> {
         Ok(None)
     }
-    fn forward_mark(&self, _: i32, _: Source) -> Result<Option<i64>, StateError> {
+    fn forward_mark(&self, _: i32, _: SourcePartition) -> Result<Option<i64>, StateError> {
         Ok(None)
     }
 }
@@ -208,7 +208,7 @@ pub struct StateBatch {
     pub stream_time: BTreeMap<i32, i64>,
     /// (task, source) → the source offset of the last forwarded record the task applied,
     /// where it moved.
-    pub forward_marks: BTreeMap<(i32, Source), i64>,
+    pub forward_marks: BTreeMap<(i32, SourcePartition), i64>,
 }
 
 impl StateBatch {
@@ -253,7 +253,7 @@ impl StateBatch {
     pub fn first_forward(
         &mut self,
         task: i32,
-        source: Source,
+        source: SourcePartition,
         offset: i64,
         loader: &impl Loader,
     ) -> Result<bool, StateError> {
@@ -379,7 +379,7 @@ fn meta_forward_prefix(task: i32) -> Vec<u8> {
     format!("forward/{task}/").into_bytes()
 }
 
-fn meta_forward_key(task: i32, source: Source) -> Vec<u8> {
+fn meta_forward_key(task: i32, source: SourcePartition) -> Vec<u8> {
     let mut key = meta_forward_prefix(task);
     key.extend_from_slice(format!("{}/{}", source.input, source.partition).as_bytes());
     key
@@ -560,7 +560,11 @@ impl Store {
     }
 
     /// The forward mark of `task` for `source` as last committed.
-    pub fn forward_mark(&self, task: i32, source: Source) -> Result<Option<i64>, StateError> {
+    pub fn forward_mark(
+        &self,
+        task: i32,
+        source: SourcePartition,
+    ) -> Result<Option<i64>, StateError> {
         self.meta_i64(&meta_forward_key(task, source))
     }
 
@@ -673,7 +677,7 @@ impl Store {
             }
             if tag == FORWARD_MARK_TAG {
                 let source = match rest {
-                    [input, p @ ..] if p.len() == 4 => Source {
+                    [input, p @ ..] if p.len() == 4 => SourcePartition {
                         input: *input,
                         partition: u32::from_be_bytes(p.try_into().expect("4")) as i32,
                     },
@@ -769,7 +773,7 @@ impl Loader for Store {
     fn session(&self, key: &Key) -> Result<Option<SessionState>, StateError> {
         Store::session(self, key)
     }
-    fn forward_mark(&self, task: i32, source: Source) -> Result<Option<i64>, StateError> {
+    fn forward_mark(&self, task: i32, source: SourcePartition) -> Result<Option<i64>, StateError> {
         Store::forward_mark(self, task, source)
     }
 }
@@ -1020,11 +1024,11 @@ mod tests {
     fn forward_marks_tell_copies_from_new_records() {
         let (a, b) = (temp("marks-a"), temp("marks-b"));
         let store = Store::open(&a, DEFAULT_CACHE_BYTES).unwrap();
-        let tx0 = Source {
+        let tx0 = SourcePartition {
             input: 2,
             partition: 0,
         };
-        let nav0 = Source {
+        let nav0 = SourcePartition {
             input: 0,
             partition: 0,
         };
