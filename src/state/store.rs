@@ -348,9 +348,8 @@ impl StateBatch {
             out.push((p, stream_time_key(p), Some(t.to_le_bytes().to_vec())));
         }
         for (&(task, source), &offset) in &self.forward_marks {
-            let mut key = vec![FORWARD_MARK_TAG, source.input];
-            key.extend_from_slice(&(source.partition as u32).to_be_bytes());
-            out.push((task, key, Some(offset.to_le_bytes().to_vec())));
+            let value = offset.to_le_bytes().to_vec();
+            out.push((task, forward_mark_key(source), Some(value)));
         }
         out
     }
@@ -372,6 +371,23 @@ fn checkpoint_time_key(partition: i32) -> Vec<u8> {
 
 fn meta_stream_time_key(partition: i32) -> Vec<u8> {
     format!("stream-time/{partition}").into_bytes()
+}
+
+/// A forward mark's changelog key (in its task's partition): the tag, the source's input and
+/// partition.
+fn forward_mark_key(source: SourcePartition) -> Vec<u8> {
+    let mut key = vec![FORWARD_MARK_TAG, source.input];
+    key.extend_from_slice(&(source.partition as u32).to_be_bytes());
+    key
+}
+
+/// The inverse of [`forward_mark_key`], from what follows the tag.
+fn forward_mark_source(rest: &[u8]) -> Option<SourcePartition> {
+    let (&input, partition) = rest.split_first()?;
+    Some(SourcePartition {
+        input,
+        partition: u32::from_be_bytes(partition.try_into().ok()?) as i32,
+    })
 }
 
 /// The forward marks of `task`, each `forward/<task>/<input>/<source partition>`.
@@ -676,13 +692,8 @@ impl Store {
                 continue;
             }
             if tag == FORWARD_MARK_TAG {
-                let source = match rest {
-                    [input, p @ ..] if p.len() == 4 => SourcePartition {
-                        input: *input,
-                        partition: u32::from_be_bytes(p.try_into().expect("4")) as i32,
-                    },
-                    _ => return Err(CodecError("forward mark key is not a source".into()).into()),
-                };
+                let source = forward_mark_source(rest)
+                    .ok_or_else(|| CodecError("forward mark key is not a source".into()))?;
                 if let Some(v) = value {
                     wb.put_cf(self.cf(META), meta_forward_key(partition, source), v);
                 }
