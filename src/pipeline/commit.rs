@@ -14,19 +14,27 @@
 //! transaction. On an abort the caller drops the uncommitted state and what the merge holds,
 //! and rewinds the consumer to the committed offsets.
 //!
-//! At-least-once differs in one thing: forwarded records, verdicts and dead letters go out at
-//! once through an idempotent producer outside the transaction (visible before the commit),
-//! and the commit waits for their acknowledgements before committing the offsets. After a
-//! crash they may be produced again, identical, since the state they were computed from was
-//! not committed; a forwarded record's task skips the second copy
-//! ([`crate::state::StateBatch::first_forward`]), so its state changes once.
+//! At-least-once differs in two things. Forwarded records, verdicts and dead letters go out
+//! at once through an idempotent producer outside the transaction (visible before the
+//! commit), and the commit waits for their acknowledgements before committing the offsets.
+//! After a crash they may be produced again, identical, since the state they were computed
+//! from was not committed; a forwarded record's task skips the second copy
+//! ([`crate::state::StateBatch::first_forward`]), so its state changes once. And since the
+//! worker's own records are outside it, the transaction (changelog, offsets, commit) runs on
+//! a thread of its own while the worker processes the next batches: they read the committing
+//! batch's state through it ([`crate::state::Committing`]), their records are a generation of
+//! the producer the commit does not wait for ([`Sink::cut`]), and the store is written with
+//! the batch on the worker once the commit is done ([`Committer::settle`]). One commit is in
+//! flight at a time.
 //!
 //! Commits happen every `processing.commit-interval-ms`, on revoke and at shutdown.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{Consumer, ConsumerContext};
+use rdkafka::consumer::{Consumer, ConsumerContext, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
@@ -35,7 +43,7 @@ use super::batch::Output;
 use crate::config::{Guarantee, Settings};
 use crate::decision::Decision;
 use crate::sink::{OutRecord, Sink, Topic};
-use crate::state::{StateBatch, Store};
+use crate::state::{EntityKind, Key, StateBatch, Store};
 use crate::telemetry;
 
 /// How long one transactional call may block.
@@ -61,7 +69,7 @@ impl CrashAt {
         })
     }
 
-    fn check(this: &Option<CrashAt>, point: &str, commit: u64) {
+    fn check(this: Option<&CrashAt>, point: &str, commit: u64) {
         if let Some(c) = this {
             if c.point == point && c.commit == commit {
                 tracing::error!(
@@ -107,21 +115,44 @@ pub struct Committed {
 
 pub struct Committer {
     guarantee: Guarantee,
-    tx: Sink,
+    tx: Arc<Sink>,
     /// At-least-once: forwards, verdicts and dead letters, outside the transaction.
-    direct: Option<Sink>,
+    direct: Option<Arc<Sink>>,
+    /// Records were processed since the last commit began: one is to come.
     open: bool,
+    /// The transactional producer is in a transaction: under exactly-once from the first
+    /// send to the commit, under at-least-once during a commit only.
+    in_tx: bool,
     /// An abort was started and has not finished (the broker was away).
     aborting: bool,
     /// Next offset to commit per input (topic, partition), for what was processed.
     offsets: BTreeMap<(String, i32), i64>,
-    /// The verdicts of the open transaction (decision, event time), counted at its commit.
+    /// The verdicts since the last commit began (decision, event time), counted at its end.
     decisions: Vec<(Decision, i64)>,
     interval: Duration,
     opened_at: Instant,
     /// Commits attempted so far (for [`CrashAt`]).
     commits: u64,
-    crash: Option<CrashAt>,
+    crash: Option<Arc<CrashAt>>,
+    /// At-least-once: the commit running beside the next batches.
+    in_flight: Option<InFlight>,
+}
+
+/// A commit on its thread, and what it commits.
+struct InFlight {
+    work: JoinHandle<Finished>,
+    state: Arc<StateBatch>,
+    expired: HashSet<(EntityKind, Key)>,
+    offsets: BTreeMap<(String, i32), i64>,
+    decisions: Vec<(Decision, i64)>,
+    started: Instant,
+}
+
+/// How a commit thread ended: its checkpoints, and whether it left the transactional
+/// producer in a transaction (to abort).
+struct Finished {
+    result: Result<BTreeMap<i32, i64>, CommitError>,
+    in_tx: bool,
 }
 
 impl Committer {
@@ -143,20 +174,22 @@ impl Committer {
         }
         let direct = match settings.processing.guarantee {
             Guarantee::ExactlyOnce => None,
-            Guarantee::AtLeastOnce => Some(Sink::idempotent(settings)?),
+            Guarantee::AtLeastOnce => Some(Arc::new(Sink::idempotent(settings)?)),
         };
         Ok(Committer {
             guarantee: settings.processing.guarantee,
-            tx,
+            tx: Arc::new(tx),
             direct,
             open: false,
+            in_tx: false,
             aborting: false,
             offsets: BTreeMap::new(),
             decisions: Vec::new(),
             interval: Duration::from_millis(settings.processing.commit_interval_ms),
             opened_at: Instant::now(),
             commits: 0,
-            crash: CrashAt::from_env(),
+            crash: CrashAt::from_env().map(Arc::new),
+            in_flight: None,
         })
     }
 
@@ -164,51 +197,76 @@ impl Committer {
         self.open
     }
 
-    /// Time left until the open transaction is due for its commit.
+    /// Time left until the records processed since the last commit are due for theirs.
     pub fn due_in(&self) -> Option<Duration> {
         self.open
             .then(|| self.interval.saturating_sub(self.opened_at.elapsed()))
     }
 
+    /// Whether a commit runs beside the batches.
+    pub fn in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Whether the commit beside the batches is done (to [`Committer::settle`]).
+    pub fn finished(&self) -> bool {
+        self.in_flight
+            .as_ref()
+            .is_some_and(|f| f.work.is_finished())
+    }
+
+    /// The state of the commit in flight, for the batches after it to read through.
+    pub fn committing(&self) -> Option<(&StateBatch, &HashSet<(EntityKind, Key)>)> {
+        self.in_flight.as_ref().map(|f| (&*f.state, &f.expired))
+    }
+
+    /// Exactly-once: the transaction the batches' records go into.
     fn begin(&mut self) -> Result<(), CommitError> {
         if self.aborting {
             self.finish_abort(CALL_TIMEOUT)?;
         }
-        if !self.open {
+        if !self.in_tx {
             self.tx
                 .producer()
                 .begin_transaction()
-                .map_err(|e| self.failed(e))?;
-            self.open = true;
-            self.opened_at = Instant::now();
+                .map_err(|e| classify(e, &self.tx, None))?;
+            self.in_tx = true;
         }
         Ok(())
     }
 
-    /// Sends a batch's output into the open transaction (opening one if needed) and records
-    /// the input offsets it covers: (topic, partition, next offset).
+    /// Sends a batch's output (into the open transaction under exactly-once, opening one if
+    /// needed) and records the input offsets it covers: (topic, partition, next offset).
     pub fn send(
         &mut self,
         out: &mut Output,
         processed: impl IntoIterator<Item = (String, i32, i64)>,
     ) -> Result<(), CommitError> {
-        self.begin()?;
-        let outside = self.direct.as_ref();
-        for r in out
+        let records = out
             .forwards
             .iter()
             .chain(&out.dead_letters)
-            .chain(&out.verdicts)
-        {
-            match outside {
-                Some(direct) => direct.send(r),
-                None => self.tx.send(r),
+            .chain(&out.verdicts);
+        match &self.direct {
+            Some(direct) => {
+                for r in records {
+                    direct
+                        .send(r)
+                        .map_err(|e| classify(e, &self.tx, Some(direct)))?;
+                }
+                direct.serve_deliveries();
             }
-            .map_err(|e| self.failed(e))?;
+            None => {
+                self.begin()?;
+                for r in records {
+                    self.tx.send(r).map_err(|e| classify(e, &self.tx, None))?;
+                }
+                self.tx.serve_deliveries();
+            }
         }
-        self.tx.serve_deliveries();
-        if let Some(direct) = outside {
-            direct.serve_deliveries();
+        if !self.open {
+            self.open = true;
+            self.opened_at = Instant::now();
         }
         for (topic, p, next) in processed {
             let e = self.offsets.entry((topic, p)).or_insert(next);
@@ -219,34 +277,149 @@ impl Committer {
         Ok(())
     }
 
-    /// Commits the open transaction with `state`'s changelog records and the offsets sent so
-    /// far, then writes `state` to `store` with its checkpoints and clears it. Without an
-    /// open transaction, does nothing. On an error the transaction is aborted (or the
-    /// producer is finished): see [`CommitError`].
+    /// At-least-once: starts the commit of what was processed so far, with `state`'s
+    /// changelog records, on a thread of its own, and empties `state`; the batches after it
+    /// read its state through [`Committer::committing`]. The one in flight before must be
+    /// settled. Without records processed, does nothing.
+    pub fn start<C: ConsumerContext>(
+        &mut self,
+        consumer: &impl Consumer<C>,
+        state: &mut StateBatch,
+    ) -> Result<(), CommitError> {
+        assert!(self.in_flight.is_none(), "one commit in flight at a time");
+        let Some(direct) = self.direct.clone() else {
+            panic!("only at-least-once commits beside the batches");
+        };
+        if !self.open {
+            return Ok(());
+        }
+        if self.aborting {
+            self.finish_abort(CALL_TIMEOUT)?;
+        }
+        self.open = false;
+        self.commits += 1;
+        let generation = direct.cut();
+        let state = Arc::new(std::mem::take(state));
+        let offsets = std::mem::take(&mut self.offsets);
+        let group = consumer.group_metadata();
+        let work = {
+            let (tx, state, offsets) = (self.tx.clone(), state.clone(), offsets.clone());
+            let (crash, commit) = (self.crash.clone(), self.commits);
+            std::thread::Builder::new()
+                .name("commit".into())
+                .spawn(move || {
+                    if let Err(e) = tx.producer().begin_transaction() {
+                        return Finished {
+                            result: Err(classify(e, &tx, Some(&direct))),
+                            in_tx: false,
+                        };
+                    }
+                    let result = finish(
+                        &tx,
+                        Some((&direct, generation)),
+                        &state,
+                        &offsets,
+                        group,
+                        crash.as_deref(),
+                        commit,
+                    );
+                    Finished {
+                        in_tx: result.is_err(),
+                        result,
+                    }
+                })
+                .map_err(|e| CommitError::Aborted(format!("cannot start a commit thread: {e}")))?
+        };
+        self.in_flight = Some(InFlight {
+            work,
+            expired: state.expired.iter().copied().collect(),
+            state,
+            offsets,
+            decisions: std::mem::take(&mut self.decisions),
+            started: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Waits for the commit in flight (if any) and ends it: on success the store is written
+    /// with its state and checkpoints; on an error its transaction is aborted (see
+    /// [`CommitError`]), and what was processed after it must be dropped too.
+    pub fn settle(&mut self, store: &Store) -> Result<Option<Committed>, CommitError> {
+        let Some(f) = self.in_flight.take() else {
+            return Ok(None);
+        };
+        let done = f.work.join().unwrap_or_else(|_| Finished {
+            result: Err(CommitError::Aborted("the commit thread panicked".into())),
+            in_tx: true,
+        });
+        self.in_tx = done.in_tx;
+        let mut state = Arc::into_inner(f.state).expect("the commit thread has ended");
+        self.completed(
+            done.result,
+            &mut state,
+            f.offsets,
+            f.decisions,
+            f.started,
+            store,
+        )
+    }
+
+    /// Commits what was processed so far with `state`'s changelog records and waits for it,
+    /// then writes `state` to `store` with its checkpoints and clears it. Without records
+    /// processed, does nothing. The commit in flight (at-least-once) must be settled first.
+    /// On an error the transaction is aborted (or the producer is finished): see
+    /// [`CommitError`].
     pub fn commit<C: ConsumerContext>(
         &mut self,
         consumer: &impl Consumer<C>,
         state: &mut StateBatch,
         store: &Store,
     ) -> Result<Option<Committed>, CommitError> {
+        if self.direct.is_some() {
+            self.start(consumer, state)?;
+            return self.settle(store);
+        }
         if !self.open {
             return Ok(None);
         }
         let started = Instant::now();
+        self.open = false;
         self.commits += 1;
-        match self.commit_open(consumer, state) {
+        let offsets = std::mem::take(&mut self.offsets);
+        let result = finish(
+            &self.tx,
+            None,
+            state,
+            &offsets,
+            consumer.group_metadata(),
+            self.crash.as_deref(),
+            self.commits,
+        );
+        let decisions = std::mem::take(&mut self.decisions);
+        self.completed(result, state, offsets, decisions, started, store)
+    }
+
+    /// Ends a commit: on success writes `state` to the store with the checkpoints and counts
+    /// its verdicts; on an error aborts the transaction.
+    fn completed(
+        &mut self,
+        result: Result<BTreeMap<i32, i64>, CommitError>,
+        state: &mut StateBatch,
+        offsets: BTreeMap<(String, i32), i64>,
+        decisions: Vec<(Decision, i64)>,
+        started: Instant,
+        store: &Store,
+    ) -> Result<Option<Committed>, CommitError> {
+        match result {
             Ok(checkpoints) => {
-                CrashAt::check(&self.crash, "before-store", self.commits);
+                self.in_tx = false;
+                CrashAt::check(self.crash.as_deref(), "before-store", self.commits);
                 store.commit(state, &checkpoints, crate::pipeline::now_ms())?;
-                self.open = false;
-                let committed_ms = crate::pipeline::now_ms();
-                self.count_verdicts(committed_ms);
+                count_verdicts(decisions, crate::pipeline::now_ms());
                 metrics::histogram!(telemetry::COMMIT_DURATION)
                     .record(started.elapsed().as_secs_f64());
                 metrics::counter!(telemetry::COMMITS, "result" => "committed").increment(1);
-                Ok(Some(Committed {
-                    offsets: std::mem::take(&mut self.offsets),
-                }))
+                Ok(Some(Committed { offsets }))
             }
             Err(e) => {
                 if matches!(e, CommitError::Aborted(_) | CommitError::Permanent(_)) {
@@ -257,97 +430,23 @@ impl Committer {
         }
     }
 
-    fn commit_open<C: ConsumerContext>(
-        &mut self,
-        consumer: &impl Consumer<C>,
-        state: &StateBatch,
-    ) -> Result<BTreeMap<i32, i64>, CommitError> {
-        let t0 = Instant::now();
-        let mut changelog = 0;
-        for (p, key, value) in state.changelog_records() {
-            changelog += 1;
-            let r = OutRecord {
-                topic: Topic::Changelog,
-                partition: Some(p),
-                key: Some(key),
-                payload: value,
-                headers: None,
-                timestamp: None,
-            };
-            self.tx.send(&r).map_err(|e| self.failed(e))?;
-        }
-        if let Some(direct) = &self.direct {
-            // At-least-once: no offset is committed before its verdicts are acknowledged.
-            direct
-                .flush(CALL_TIMEOUT)
-                .map_err(|e| CommitError::Aborted(format!("verdicts not acknowledged: {e}")))?;
-            let d = direct.take_deliveries();
-            if let Some((topic, e)) = &d.permanent {
-                return Err(CommitError::Permanent(crate::sink::explain_permanent(
-                    topic, e,
-                )));
-            }
-            if d.failed > 0 {
-                return Err(CommitError::Aborted(format!(
-                    "{} verdicts or dead letters not delivered: {}",
-                    d.failed,
-                    d.first_error.map(|e| e.to_string()).unwrap_or_default()
-                )));
-            }
-        }
-        CrashAt::check(&self.crash, "before-offsets", self.commits);
-        let t1 = Instant::now();
-        if !self.offsets.is_empty() {
-            let mut tpl = TopicPartitionList::with_capacity(self.offsets.len());
-            for ((topic, p), next) in &self.offsets {
-                tpl.add_partition_offset(topic, *p, Offset::Offset(*next))
-                    .map_err(|e| CommitError::Aborted(e.to_string()))?;
-            }
-            let group = consumer.group_metadata().ok_or_else(|| {
-                CommitError::Aborted("the consumer has no group metadata (not in the group)".into())
-            })?;
-            self.tx
-                .producer()
-                .send_offsets_to_transaction(&tpl, &group, CALL_TIMEOUT)
-                .map_err(|e| self.failed(e))?;
-        }
-        CrashAt::check(&self.crash, "before-commit", self.commits);
-        let t2 = Instant::now();
-        // Everything acknowledged first, so that the commit's own flush returns at once.
-        self.tx.flush(CALL_TIMEOUT).map_err(|e| self.failed(e))?;
-        let mut attempts = 0;
-        loop {
-            match self.tx.producer().commit_transaction(CALL_TIMEOUT) {
-                Ok(()) => break,
-                Err(KafkaError::Transaction(e)) if e.is_retriable() && attempts < 5 => {
-                    attempts += 1;
-                    tracing::warn!(error = %e, "Commit not confirmed yet; retrying.");
-                }
-                Err(e) => return Err(self.failed(e)),
-            }
-        }
-        tracing::debug!(
-            changelog,
-            changelog_ms = (t1 - t0).as_secs_f64() * 1e3,
-            offsets_ms = (t2 - t1).as_secs_f64() * 1e3,
-            commit_ms = t2.elapsed().as_secs_f64() * 1e3,
-            "Committed."
-        );
-        let d = self.tx.take_deliveries();
-        // The next changelog record to read after each partition's last one of this
-        // transaction (its commit marker comes next, which readers step over).
-        Ok(d.changelog.into_iter().map(|(p, o)| (p, o + 1)).collect())
-    }
-
-    /// Aborts the open transaction (if any): nothing of it becomes visible. The caller
-    /// drops its uncommitted state and rewinds. An abort librdkafka cannot finish now (the
-    /// broker is away) is resumed before the next transaction begins.
+    /// Drops what was processed and not committed, aborting the transaction if one is open
+    /// (nothing of it becomes visible); a commit in flight is waited for and dropped too
+    /// (callers settle it first, to keep it if it succeeded). The caller drops its
+    /// uncommitted state and rewinds. An abort librdkafka cannot finish now (the broker is
+    /// away) is resumed before the next transaction begins.
     pub fn abort(&mut self) {
-        if self.open {
+        if let Some(f) = self.in_flight.take() {
+            self.in_tx |= f.work.join().map_or(true, |done| done.in_tx);
+        }
+        if self.open || self.in_tx {
             metrics::counter!(telemetry::COMMITS, "result" => "aborted").increment(1);
+        }
+        if self.in_tx {
             self.aborting = true;
         }
         self.open = false;
+        self.in_tx = false;
         self.offsets.clear();
         self.decisions.clear();
         if self.aborting {
@@ -381,7 +480,7 @@ impl Committer {
                     return Ok(());
                 }
                 Err(e) => {
-                    let failed = self.failed(e);
+                    let failed = classify(e, &self.tx, self.direct.as_deref());
                     if matches!(failed, CommitError::Fatal(_)) || Instant::now() >= deadline {
                         return Err(failed);
                     }
@@ -390,45 +489,132 @@ impl Committer {
         }
     }
 
-    /// Whether the producer has failed for good.
-    pub fn is_fatal(&self) -> bool {
-        self.tx.producer().client().fatal_error().is_some()
-    }
-
-    fn failed(&self, e: KafkaError) -> CommitError {
-        let permanent = self
-            .tx
-            .permanent_failure()
-            .or_else(|| self.direct.as_ref().and_then(Sink::permanent_failure));
-        if let Some(why) = permanent {
-            return CommitError::Permanent(why);
-        }
-        let fatal = match &e {
-            KafkaError::Transaction(t) => t.is_fatal(),
-            _ => false,
-        };
-        if fatal || self.is_fatal() {
-            CommitError::Fatal(e.to_string())
-        } else {
-            CommitError::Aborted(e.to_string())
-        }
-    }
-
-    fn count_verdicts(&mut self, committed_ms: i64) {
-        let mut counts = [0u64; Decision::ALL.len()];
-        let latency = metrics::histogram!(telemetry::END_TO_END_LATENCY);
-        for (decision, event_time) in self.decisions.drain(..) {
-            counts[decision as usize] += 1;
-            latency.record((committed_ms - event_time).max(0) as f64 / 1000.0);
-        }
-        for (d, n) in Decision::ALL.iter().zip(counts) {
-            if n > 0 {
-                metrics::counter!(telemetry::VERDICTS, "decision" => d.as_str()).increment(n);
-            }
-        }
-    }
-
     pub fn guarantee(&self) -> Guarantee {
         self.guarantee
+    }
+}
+
+/// The Kafka part of a commit, after the batches' records: `state`'s changelog records, the
+/// at-least-once records of the generation acknowledged (`direct`), the input `offsets`
+/// with the consumer's `group` metadata, the commit. Returns the next changelog offset per
+/// partition written (the store's checkpoints).
+fn finish(
+    tx: &Sink,
+    direct: Option<(&Sink, usize)>,
+    state: &StateBatch,
+    offsets: &BTreeMap<(String, i32), i64>,
+    group: Option<ConsumerGroupMetadata>,
+    crash: Option<&CrashAt>,
+    commit: u64,
+) -> Result<BTreeMap<i32, i64>, CommitError> {
+    let failed = |e| classify(e, tx, direct.map(|(d, _)| d));
+    let t0 = Instant::now();
+    let mut changelog = 0;
+    for (p, key, value) in state.changelog_records() {
+        changelog += 1;
+        let r = OutRecord {
+            topic: Topic::Changelog,
+            partition: Some(p),
+            key: Some(key),
+            payload: value,
+            headers: None,
+            timestamp: None,
+        };
+        tx.send(&r).map_err(failed)?;
+    }
+    if let Some((direct, generation)) = direct {
+        // At-least-once: no offset is committed before its verdicts are acknowledged.
+        direct
+            .wait_acknowledged(generation, CALL_TIMEOUT)
+            .map_err(|e| CommitError::Aborted(format!("verdicts not acknowledged: {e}")))?;
+        let d = direct.take_deliveries();
+        if let Some((topic, e)) = &d.permanent {
+            return Err(CommitError::Permanent(crate::sink::explain_permanent(
+                topic, e,
+            )));
+        }
+        if d.failed > 0 {
+            return Err(CommitError::Aborted(format!(
+                "{} verdicts or dead letters not delivered: {}",
+                d.failed,
+                d.first_error.map(|e| e.to_string()).unwrap_or_default()
+            )));
+        }
+    }
+    CrashAt::check(crash, "before-offsets", commit);
+    let t1 = Instant::now();
+    if !offsets.is_empty() {
+        let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+        for ((topic, p), next) in offsets {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*next))
+                .map_err(|e| CommitError::Aborted(e.to_string()))?;
+        }
+        let group = group.ok_or_else(|| {
+            CommitError::Aborted("the consumer has no group metadata (not in the group)".into())
+        })?;
+        tx.producer()
+            .send_offsets_to_transaction(&tpl, &group, CALL_TIMEOUT)
+            .map_err(failed)?;
+    }
+    CrashAt::check(crash, "before-commit", commit);
+    let t2 = Instant::now();
+    // Everything acknowledged first, so that the commit's own flush returns at once.
+    tx.flush(CALL_TIMEOUT).map_err(failed)?;
+    let mut attempts = 0;
+    loop {
+        match tx.producer().commit_transaction(CALL_TIMEOUT) {
+            Ok(()) => break,
+            Err(KafkaError::Transaction(e)) if e.is_retriable() && attempts < 5 => {
+                attempts += 1;
+                tracing::warn!(error = %e, "Commit not confirmed yet; retrying.");
+            }
+            Err(e) => return Err(failed(e)),
+        }
+    }
+    tracing::debug!(
+        changelog,
+        changelog_ms = (t1 - t0).as_secs_f64() * 1e3,
+        offsets_ms = (t2 - t1).as_secs_f64() * 1e3,
+        commit_ms = t2.elapsed().as_secs_f64() * 1e3,
+        "Committed."
+    );
+    let d = tx.take_deliveries();
+    // The next changelog record to read after each partition's last one of this
+    // transaction (its commit marker comes next, which readers step over).
+    Ok(d.changelog.into_iter().map(|(p, o)| (p, o + 1)).collect())
+}
+
+/// What a producer error means for the commit: a permanent produce failure seen by either
+/// producer, a fatal producer, or an abort to retry.
+fn classify(e: KafkaError, tx: &Sink, direct: Option<&Sink>) -> CommitError {
+    let permanent = tx
+        .permanent_failure()
+        .or_else(|| direct.and_then(Sink::permanent_failure));
+    if let Some(why) = permanent {
+        return CommitError::Permanent(why);
+    }
+    let fatal = match &e {
+        KafkaError::Transaction(t) => t.is_fatal(),
+        _ => false,
+    };
+    if fatal || tx.producer().client().fatal_error().is_some() {
+        CommitError::Fatal(e.to_string())
+    } else {
+        CommitError::Aborted(e.to_string())
+    }
+}
+
+/// Counts a commit's verdicts by decision, and their latency from event to commit.
+fn count_verdicts(decisions: Vec<(Decision, i64)>, committed_ms: i64) {
+    let mut counts = [0u64; Decision::ALL.len()];
+    let latency = metrics::histogram!(telemetry::END_TO_END_LATENCY);
+    for (decision, event_time) in decisions {
+        counts[decision as usize] += 1;
+        latency.record((committed_ms - event_time).max(0) as f64 / 1000.0);
+    }
+    for (d, n) in Decision::ALL.iter().zip(counts) {
+        if n > 0 {
+            metrics::counter!(telemetry::VERDICTS, "decision" => d.as_str()).increment(n);
+        }
     }
 }

@@ -42,7 +42,7 @@ use self::intake::{Queues, Record, Wake};
 use self::merge::{Merge, Progress, Queued, INPUTS, NAV, REPARTITION, TX};
 use self::rebalance::{GroupConsumer, GroupContext, Restorer};
 use self::score::Scoring;
-use crate::config::Settings;
+use crate::config::{Guarantee, Settings};
 use crate::decision::rules::RuleSet;
 use crate::decision::Decision;
 use crate::decode::{Decoder, ErrorKind};
@@ -74,6 +74,10 @@ const EXPIRY_LIMIT: usize = 10_000;
 /// Fatal producer errors in a row after which the instance gives up (a new producer is
 /// made after each: it fences the old one and aborts its transaction).
 const MAX_PRODUCER_RESETS: u32 = 5;
+
+/// How long a poll may wait while a commit runs beside the batches: it is settled (the
+/// store written, its offsets taken as committed) within this of its end.
+const IN_FLIGHT_POLL: Duration = Duration::from_millis(2);
 
 /// Bytes kept free under a size limit for a record's framing in its batch.
 const RECORD_OVERHEAD: usize = 512;
@@ -479,7 +483,7 @@ fn worker(
         let last = {
             let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
             let last = if result.is_ok() {
-                core.commit(&consumer)
+                core.commit(&consumer, false)
             } else {
                 core.committer.abort();
                 core.state.clear();
@@ -651,6 +655,10 @@ impl Core {
         if let Some(due) = self.committer.due_in() {
             wait = wait.min(due);
         }
+        if self.committer.in_flight() {
+            // To settle it soon after it is done.
+            wait = wait.min(IN_FLIGHT_POLL);
+        }
         if self.merge.buffered() > 0 || self.restorer.restoring() > 0 {
             wait = wait.min(self.max_wait.max(Duration::from_millis(1)));
         }
@@ -707,6 +715,9 @@ impl Core {
 
     /// One turn of the loop after a poll: restores, the merge, a batch, maybe a commit.
     fn step(&mut self, consumer: &Arc<GroupConsumer>) -> anyhow::Result<()> {
+        if self.committer.finished() {
+            self.settle(consumer)?;
+        }
         if self.rewind {
             self.rewind(consumer);
         }
@@ -726,7 +737,7 @@ impl Core {
             metrics::histogram!(telemetry::BATCH_DURATION).record(started.elapsed().as_secs_f64());
         }
         if self.committer.due_in() == Some(Duration::ZERO) {
-            self.commit(consumer)?;
+            self.commit(consumer, true)?;
         }
         Ok(())
     }
@@ -766,10 +777,14 @@ impl Core {
             *e = (*e).max(q.item.msg.offset() + 1);
         }
         let ready = std::mem::take(&mut self.ready);
+        let loader = crate::state::Committing {
+            batch: self.committer.committing(),
+            below: &self.store,
+        };
         let result = self.processor.process(
             &ready,
             &mut self.state,
-            &self.store,
+            &loader,
             &self.stream_time,
             now_ms(),
             &mut self.output,
@@ -791,30 +806,63 @@ impl Core {
         Ok(())
     }
 
-    /// Commits the open transaction, expiring idle state first where due.
-    fn commit(&mut self, consumer: &BaseConsumer<GroupContext>) -> anyhow::Result<()> {
+    /// Commits what was processed, expiring idle state first where due; under
+    /// at-least-once with `behind`, the commit runs beside the next batches (settled by a
+    /// later step), else it is waited for. A commit in flight is settled first.
+    fn commit(
+        &mut self,
+        consumer: &BaseConsumer<GroupContext>,
+        behind: bool,
+    ) -> anyhow::Result<()> {
+        self.settle(consumer)?;
         if !self.committer.is_open() {
             return Ok(());
         }
         self.expire();
+        // The batches after this one take its stream time as known (a failure reads the
+        // committed one back from the store).
         let moved = self.state.stream_time.clone();
-        match self
-            .committer
-            .commit(consumer, &mut self.state, &self.store)
-        {
+        self.stream_time.extend(moved);
+        let done = if behind && self.committer.guarantee() == Guarantee::AtLeastOnce {
+            self.committer
+                .start(consumer, &mut self.state)
+                .map(|()| None)
+        } else {
+            self.committer
+                .commit(consumer, &mut self.state, &self.store)
+        };
+        self.committed(consumer, done)
+    }
+
+    /// Waits for the commit in flight, if any, and takes its outcome.
+    fn settle(&mut self, consumer: &BaseConsumer<GroupContext>) -> anyhow::Result<()> {
+        let done = self.committer.settle(&self.store);
+        self.committed(consumer, done)
+    }
+
+    fn committed(
+        &mut self,
+        consumer: &BaseConsumer<GroupContext>,
+        done: Result<Option<commit::Committed>, CommitError>,
+    ) -> anyhow::Result<()> {
+        match done {
             Ok(Some(done)) => {
-                self.producer_resets = 0;
-                self.aborts = 0;
-                for ((topic, p), next) in done.offsets {
-                    if let Some(i) = self.input_of(&topic) {
-                        self.committed.insert((i, p), next);
-                    }
-                }
-                self.stream_time.extend(moved);
+                self.advance(done);
                 Ok(())
             }
             Ok(None) => Ok(()),
             Err(e) => self.failed(consumer, e),
+        }
+    }
+
+    /// A commit is done: its offsets are where a rewind goes.
+    fn advance(&mut self, done: commit::Committed) {
+        self.producer_resets = 0;
+        self.aborts = 0;
+        for ((topic, p), next) in done.offsets {
+            if let Some(i) = self.input_of(&topic) {
+                self.committed.insert((i, p), next);
+            }
         }
     }
 
@@ -825,6 +873,12 @@ impl Core {
         consumer: &BaseConsumer<GroupContext>,
         e: CommitError,
     ) -> anyhow::Result<()> {
+        // A commit still in flight is dropped with the rest, unless it succeeded.
+        match self.committer.settle(&self.store) {
+            Ok(Some(done)) => self.advance(done),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "The commit in flight failed too."),
+        }
         match e {
             CommitError::Aborted(why) => {
                 self.aborts += 1;
@@ -850,6 +904,18 @@ impl Core {
         self.state.clear();
         self.merge.clear();
         self.ready.clear();
+        let partitions: Vec<i32> = self.stream_time.keys().copied().collect();
+        for p in partitions {
+            match self.store.stream_time(p) {
+                Ok(Some(t)) => {
+                    self.stream_time.insert(p, t);
+                }
+                Ok(None) => {
+                    self.stream_time.remove(&p);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         self.rewind = true;
         self.rewind(consumer);
         Ok(())

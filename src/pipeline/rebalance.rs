@@ -201,7 +201,7 @@ impl Core {
         consumer: &BaseConsumer<GroupContext>,
         partitions: &BTreeSet<i32>,
     ) {
-        if let Err(e) = self.commit(consumer) {
+        if let Err(e) = self.commit(consumer, false) {
             tracing::warn!(error = %e, "Commit on revoke failed; the next owners process the partitions from the last commit.");
         }
         for &p in partitions {

@@ -10,8 +10,9 @@
 //! (and so a commit) there waits in slices of 100 ms for reports the other thread takes.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -99,14 +100,18 @@ pub fn explain_permanent(topic: &str, e: &KafkaError) -> String {
 pub struct SinkContext {
     changelog: String,
     deliveries: Arc<Mutex<Deliveries>>,
+    /// Records handed to librdkafka and not yet reported, by generation ([`Sink::cut`]).
+    pending: Arc<[AtomicU64; 2]>,
 }
 
 impl ClientContext for SinkContext {}
 
 impl ProducerContext for SinkContext {
-    type DeliveryOpaque = ();
+    /// The generation the record was sent in.
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    fn delivery(&self, result: &DeliveryResult<'_>, generation: usize) {
+        self.pending[generation].fetch_sub(1, Ordering::AcqRel);
         let Ok(mut d) = self.deliveries.lock() else {
             return;
         };
@@ -131,6 +136,9 @@ impl ProducerContext for SinkContext {
 pub struct Sink {
     producer: BaseProducer<SinkContext>,
     deliveries: Arc<Mutex<Deliveries>>,
+    pending: Arc<[AtomicU64; 2]>,
+    /// What records sent now belong to: 0 or 1, flipped by [`Sink::cut`].
+    generation: AtomicUsize,
     verdicts: String,
     dead_letter: String,
     changelog: String,
@@ -177,16 +185,20 @@ impl Sink {
 
     fn create(settings: &Settings, config: ClientConfig) -> anyhow::Result<Sink> {
         let deliveries = Arc::new(Mutex::new(Deliveries::default()));
+        let pending = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
         let changelog = settings.changelog_topic();
         let producer = config
             .create_with_context(SinkContext {
                 changelog: changelog.clone(),
                 deliveries: deliveries.clone(),
+                pending: pending.clone(),
             })
             .map_err(|e| anyhow::anyhow!("cannot create the Kafka producer: {e}"))?;
         Ok(Sink {
             producer,
             deliveries,
+            pending,
+            generation: AtomicUsize::new(0),
             verdicts: settings.topics.verdicts.clone(),
             dead_letter: settings.topics.dead_letter.clone(),
             changelog,
@@ -211,7 +223,9 @@ impl Sink {
     /// producer's (fenced, fatal, or the transaction needs an abort). Delivery reports are
     /// served by [`Sink::serve_deliveries`], once per batch, not per record.
     pub fn send(&self, r: &OutRecord) -> Result<(), KafkaError> {
-        let mut record = BaseRecord::<[u8], [u8]>::to(self.topic(r.topic));
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut record =
+            BaseRecord::<[u8], [u8], usize>::with_opaque_to(self.topic(r.topic), generation);
         if let Some(p) = &r.payload {
             record = record.payload(p);
         }
@@ -227,6 +241,7 @@ impl Sink {
         if let Some(t) = r.timestamp {
             record = record.timestamp(t);
         }
+        self.pending[generation].fetch_add(1, Ordering::AcqRel);
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -236,6 +251,7 @@ impl Sink {
                     self.producer.poll(Duration::from_millis(1));
                 }
                 Err((e, _)) => {
+                    self.pending[generation].fetch_sub(1, Ordering::AcqRel);
                     if is_permanent(&e) {
                         if let Ok(mut d) = self.deliveries.lock() {
                             d.permanent.get_or_insert_with(|| {
@@ -267,9 +283,35 @@ impl Sink {
     /// slices of a millisecond. (rdkafka's own flush waits in slices of 100 ms once a report
     /// is not in yet: 100 ms added to nearly every commit.)
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         while self.producer.in_flight_count() > 0 {
-            if std::time::Instant::now() >= deadline {
+            if Instant::now() >= deadline {
+                return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+            }
+            self.producer.poll(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// Ends the generation of the records sent so far (returned) and starts the other: a
+    /// commit waits for its own records ([`Sink::wait_acknowledged`]) while the next batches
+    /// send theirs. At most two generations are open: the one a commit waits for, and the
+    /// one after it.
+    pub fn cut(&self) -> usize {
+        self.generation.fetch_xor(1, Ordering::AcqRel)
+    }
+
+    /// Waits until every record of `generation` is acknowledged (or failed), serving
+    /// delivery reports in slices of a millisecond (this may run beside the thread that
+    /// sends: librdkafka's polls are thread-safe).
+    pub fn wait_acknowledged(
+        &self,
+        generation: usize,
+        timeout: Duration,
+    ) -> Result<(), KafkaError> {
+        let deadline = Instant::now() + timeout;
+        while self.pending[generation].load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
                 return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
             }
             self.producer.poll(Duration::from_millis(1));

@@ -14,6 +14,6 @@ pub mod window;
 pub use entities::{CustomerState, EntityKind, MerchantState, SessionState};
 pub use keys::{Hasher, Key};
 pub use store::{
-    Checkpoint, InMemory, Loader, SourcePartition, StateBatch, StateError, Store,
+    Checkpoint, Committing, InMemory, Loader, SourcePartition, StateBatch, StateError, Store,
     DEFAULT_CACHE_BYTES,
 };

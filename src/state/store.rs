@@ -8,7 +8,7 @@
 //! same `WriteBatch`. A crash between the transaction and the write leaves the store behind
 //! the changelog, never ahead of it; the restore on assignment reads the difference.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
@@ -174,6 +174,71 @@ pub trait Loader {
 pub struct SourcePartition {
     pub input: u8,
     pub partition: i32,
+}
+
+/// Reads through a batch being committed (its transaction in flight) until the store has
+/// it: its entities, its forward marks, and as absent what it expired; the rest, and
+/// everything when no batch is in flight, from `below`.
+pub struct Committing<'a, L> {
+    /// The batch and the entities it expired.
+    pub batch: Option<(&'a StateBatch, &'a HashSet<(EntityKind, Key)>)>,
+    pub below: &'a L,
+}
+
+impl<L: Loader> Committing<'_, L> {
+    fn read<V: Clone>(
+        &self,
+        kind: EntityKind,
+        key: &Key,
+        held: fn(&StateBatch) -> &HashMap<Key, V>,
+        below: impl FnOnce() -> Result<Option<V>, StateError>,
+    ) -> Result<Option<V>, StateError> {
+        if let Some((batch, expired)) = self.batch {
+            if let Some(v) = held(batch).get(key) {
+                return Ok(Some(v.clone()));
+            }
+            if expired.contains(&(kind, *key)) {
+                return Ok(None);
+            }
+        }
+        below()
+    }
+}
+
+impl<L: Loader> Loader for Committing<'_, L> {
+    fn customer(&self, key: &Key) -> Result<Option<CustomerState>, StateError> {
+        self.read(
+            EntityKind::Customer,
+            key,
+            |b| &b.customers,
+            || self.below.customer(key),
+        )
+    }
+    fn merchant(&self, key: &Key) -> Result<Option<MerchantState>, StateError> {
+        self.read(
+            EntityKind::Merchant,
+            key,
+            |b| &b.merchants,
+            || self.below.merchant(key),
+        )
+    }
+    fn session(&self, key: &Key) -> Result<Option<SessionState>, StateError> {
+        self.read(
+            EntityKind::Session,
+            key,
+            |b| &b.sessions,
+            || self.below.session(key),
+        )
+    }
+    fn forward_mark(&self, task: i32, source: SourcePartition) -> Result<Option<i64>, StateError> {
+        match self
+            .batch
+            .and_then(|(b, _)| b.forward_marks.get(&(task, source)))
+        {
+            Some(&m) => Ok(Some(m)),
+            None => self.below.forward_mark(task, source),
+        }
+    }
 }
 
 /// Everything is in the batch already (replay).
@@ -1094,5 +1159,57 @@ mod tests {
         );
         let _ = std::fs::remove_dir_all(&a);
         let _ = std::fs::remove_dir_all(&b);
+    }
+
+    /// A batch in flight answers first for what it holds and for what it expired; the rest,
+    /// and everything without one, from below.
+    #[test]
+    fn committing_batch_is_read_before_the_store() {
+        let dir = temp("committing");
+        let store = Store::open(&dir, DEFAULT_CACHE_BYTES).unwrap();
+        let h = Hasher::new(b"s");
+        let [old, gone, changed] =
+            ["old", "gone", "changed"].map(|c| key(0, &h.entity("customer", c)));
+        let seen = |t| CustomerState {
+            last_event_ms: Some(t),
+            ..CustomerState::default()
+        };
+        let mut committed = StateBatch::default();
+        for k in [old, gone, changed] {
+            committed.customers.insert(k, seen(1));
+        }
+        store.commit(&mut committed, &BTreeMap::new(), 0).unwrap();
+
+        let mut flying = StateBatch::default();
+        flying.customers.insert(changed, seen(2));
+        flying.expired.push((EntityKind::Customer, gone));
+        let mark = SourcePartition {
+            input: 2,
+            partition: 1,
+        };
+        flying.forward_marks.insert((0, mark), 7);
+        let expired = flying.expired.iter().copied().collect();
+        let through = Committing {
+            batch: Some((&flying, &expired)),
+            below: &store,
+        };
+        let last = |l: &dyn Fn(&Key) -> Option<CustomerState>, k| l(&k).map(|c| c.last_event_ms);
+        let read = |k: &Key| through.customer(k).unwrap();
+        assert_eq!(last(&read, changed), Some(Some(2)), "the batch's value");
+        assert_eq!(last(&read, gone), None, "expired by the batch");
+        assert_eq!(last(&read, old), Some(Some(1)), "from the store");
+        assert!(through.merchant(&old).unwrap().is_none());
+        assert_eq!(through.forward_mark(0, mark).unwrap(), Some(7));
+
+        let none = Committing {
+            batch: None,
+            below: &store,
+        };
+        assert_eq!(
+            none.customer(&gone).unwrap().and_then(|c| c.last_event_ms),
+            Some(1)
+        );
+        assert_eq!(none.forward_mark(0, mark).unwrap(), None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
