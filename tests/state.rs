@@ -277,46 +277,47 @@ async fn at_least_once_applies_a_record_forwarded_twice_once() {
     second.stop();
 }
 
-/// Under at-least-once each commit runs beside the batches after it, which read the
-/// committing batch's state through it until the store has it. With a commit due after
-/// every batch of 20 records nearly every batch does: its features must be those of an
-/// exactly-once run, whose batches wait for each commit. All records on one partition of
-/// three, so that most are forwarded and their forward marks are read through it too.
+/// Each commit runs beside the batches after it, which read the committing batch's state
+/// through it until the store has it. With a commit due after every batch of 20 records
+/// nearly every batch does: under each guarantee its features must be those of a run with
+/// the default commit interval and batch size. All records on one partition of three, so
+/// that most are forwarded and their forward marks are read through it too.
 #[tokio::test(flavor = "multi_thread")]
-async fn at_least_once_reads_state_through_the_commit_in_flight() {
+async fn state_is_read_through_the_commit_in_flight() {
     let records = stream(6_000);
     let n = records.len();
-    let eos = topics("behind-eos", 3).await;
-    send_all_to(&producer(), &eos.transactions, Some(0), &records).await;
-    let alo = {
-        let other = topics("behind-alo", 3).await;
-        Topics {
-            transactions: eos.transactions.clone(),
-            ..other
-        }
-    };
-
-    let mut a = Scorer::start(&eos, &[AUDIT]);
-    let expected = all_verdicts(&eos, n, &a).await;
+    let reference = topics("behind-ref", 3).await;
+    send_all_to(&producer(), &reference.transactions, Some(0), &records).await;
+    let mut a = Scorer::start(&reference, &[AUDIT]);
+    let expected = all_verdicts(&reference, n, &a).await;
     a.stop();
 
-    let mut b = Scorer::start(
-        &alo,
-        &[
-            AUDIT,
-            ("FRAUDSTREAM__PROCESSING__GUARANTEE", "at-least-once"),
-            ("FRAUDSTREAM__PROCESSING__COMMIT_INTERVAL_MS", "1"),
-            ("FRAUDSTREAM__BATCH__MAX_RECORDS", "20"),
-        ],
-    );
-    let got = all_verdicts(&alo, n, &b).await;
-    assert_as_clean(&got, &expected, n);
-    let commits = b
-        .metric("fraudstream_commits_total{result=\"committed\"}")
-        .await;
-    assert!(
-        commits as usize > n / 200,
-        "{commits} commits: too few for the batches to have run beside them"
-    );
-    b.stop();
+    for guarantee in ["exactly-once", "at-least-once"] {
+        let t = {
+            let other = topics(&format!("behind-{guarantee}"), 3).await;
+            Topics {
+                transactions: reference.transactions.clone(),
+                ..other
+            }
+        };
+        let mut b = Scorer::start(
+            &t,
+            &[
+                AUDIT,
+                ("FRAUDSTREAM__PROCESSING__GUARANTEE", guarantee),
+                ("FRAUDSTREAM__PROCESSING__COMMIT_INTERVAL_MS", "1"),
+                ("FRAUDSTREAM__BATCH__MAX_RECORDS", "20"),
+            ],
+        );
+        let got = all_verdicts(&t, n, &b).await;
+        assert_as_clean(&got, &expected, n);
+        let commits = b
+            .metric("fraudstream_commits_total{result=\"committed\"}")
+            .await;
+        assert!(
+            commits as usize > n / 200,
+            "{guarantee}: {commits} commits, too few for the batches to have run beside them"
+        );
+        b.stop();
+    }
 }

@@ -9,27 +9,28 @@
 //! group generation (a zombie whose partitions have moved) is refused at the offsets and its
 //! transaction aborted: nothing it wrote becomes visible to `read_committed` readers.
 //!
-//! Only after the commit is the state written to RocksDB, with the changelog offsets it
-//! reflects as each partition's checkpoint: the store is never ahead of a committed
-//! transaction. On an abort the caller drops the uncommitted state and what the merge holds,
-//! and rewinds the consumer to the committed offsets.
+//! The worker does not wait for a commit: the commit (changelog, offsets, commit) runs on a
+//! thread of its own while the worker processes the next batches. They read the committing
+//! batch's state through it ([`crate::state::Committing`]); their records are held back for
+//! the next transaction, which begins once this one is committed. Only after the commit is
+//! the state written to RocksDB, by the worker, with the changelog offsets it reflects as
+//! each partition's checkpoint ([`Committer::settle`]): the store is never ahead of a
+//! committed transaction. One commit is in flight at a time. On an abort the caller drops
+//! the uncommitted state (the committing batch's and the batches' after it) and what the
+//! merge holds, and rewinds the consumer to the committed offsets.
 //!
-//! At-least-once differs in two things. Forwarded records, verdicts and dead letters go out
-//! at once through an idempotent producer outside the transaction (visible before the
-//! commit), and the commit waits for their acknowledgements before committing the offsets.
-//! After a crash they may be produced again, identical, since the state they were computed
-//! from was not committed; a forwarded record's task skips the second copy
-//! ([`crate::state::StateBatch::first_forward`]), so its state changes once. And since the
-//! worker's own records are outside it, the transaction (changelog, offsets, commit) runs on
-//! a thread of its own while the worker processes the next batches: they read the committing
-//! batch's state through it ([`crate::state::Committing`]), their records are a generation of
-//! the producer the commit does not wait for ([`Sink::cut`]), and the store is written with
-//! the batch on the worker once the commit is done ([`Committer::settle`]). One commit is in
-//! flight at a time.
+//! At-least-once differs in one thing. Forwarded records, verdicts and dead letters go out at
+//! once through an idempotent producer outside the transaction (visible before the commit),
+//! and the commit waits for their acknowledgements before committing the offsets: for those
+//! sent before it began, a generation of the producer ([`Sink::cut`]); the next batches' go
+//! out meanwhile. After a crash they may be produced again, identical, since the state they
+//! were computed from was not committed; a forwarded record's task skips the second copy
+//! ([`crate::state::StateBatch::first_forward`]), so its state changes once.
 //!
 //! Commits happen every `processing.commit-interval-ms`, on revoke and at shutdown.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -40,6 +41,7 @@ use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::batch::Output;
+use super::intake::Wake;
 use crate::config::{Guarantee, Settings};
 use crate::decision::Decision;
 use crate::sink::{OutRecord, Sink, Topic};
@@ -114,14 +116,14 @@ pub struct Committed {
 }
 
 pub struct Committer {
-    guarantee: Guarantee,
     tx: Arc<Sink>,
     /// At-least-once: forwards, verdicts and dead letters, outside the transaction.
     direct: Option<Arc<Sink>>,
     /// Records were processed since the last commit began: one is to come.
     open: bool,
-    /// The transactional producer is in a transaction: under exactly-once from the first
-    /// send to the commit, under at-least-once during a commit only.
+    /// This thread's transactional producer is in a transaction to abort on a failure: under
+    /// exactly-once from the first send until its commit starts (the commit's thread has it
+    /// then), or after a failed commit.
     in_tx: bool,
     /// An abort was started and has not finished (the broker was away).
     aborting: bool,
@@ -134,13 +136,20 @@ pub struct Committer {
     /// Commits attempted so far (for [`CrashAt`]).
     commits: u64,
     crash: Option<Arc<CrashAt>>,
-    /// At-least-once: the commit running beside the next batches.
+    /// The commit running beside the next batches.
     in_flight: Option<InFlight>,
+    /// Exactly-once: the records of the batches processed while a commit is in flight, for
+    /// the next transaction.
+    held: Vec<OutRecord>,
+    /// Woken when it is done.
+    wake: Arc<Wake>,
 }
 
 /// A commit on its thread, and what it commits.
 struct InFlight {
     work: JoinHandle<Finished>,
+    /// Set (and the loop woken) when its work is done, just before its thread ends.
+    done: Arc<AtomicBool>,
     state: Arc<StateBatch>,
     expired: HashSet<(EntityKind, Key)>,
     offsets: BTreeMap<(String, i32), i64>,
@@ -158,7 +167,11 @@ struct Finished {
 impl Committer {
     /// Creates the producers and initialises transactions (fencing an earlier incarnation
     /// with the same transactional id, and aborting what it left open).
-    pub fn new(settings: &Settings, transactional_id: &str) -> anyhow::Result<Committer> {
+    pub fn new(
+        settings: &Settings,
+        transactional_id: &str,
+        wake: Arc<Wake>,
+    ) -> anyhow::Result<Committer> {
         let tx = Sink::transactional(settings, transactional_id)?;
         let mut backoff = Duration::from_millis(200);
         loop {
@@ -177,7 +190,6 @@ impl Committer {
             Guarantee::AtLeastOnce => Some(Arc::new(Sink::idempotent(settings)?)),
         };
         Ok(Committer {
-            guarantee: settings.processing.guarantee,
             tx: Arc::new(tx),
             direct,
             open: false,
@@ -190,6 +202,8 @@ impl Committer {
             commits: 0,
             crash: CrashAt::from_env().map(Arc::new),
             in_flight: None,
+            held: Vec::new(),
+            wake,
         })
     }
 
@@ -212,7 +226,7 @@ impl Committer {
     pub fn finished(&self) -> bool {
         self.in_flight
             .as_ref()
-            .is_some_and(|f| f.work.is_finished())
+            .is_some_and(|f| f.done.load(Ordering::Acquire))
     }
 
     /// The state of the commit in flight, for the batches after it to read through.
@@ -220,8 +234,9 @@ impl Committer {
         self.in_flight.as_ref().map(|f| (&*f.state, &f.expired))
     }
 
-    /// Exactly-once: the transaction the batches' records go into.
-    fn begin(&mut self) -> Result<(), CommitError> {
+    /// Exactly-once, with no commit in flight: begins a transaction if none is open, and
+    /// sends into it first what was held back while the last one committed.
+    fn release(&mut self) -> Result<(), CommitError> {
         if self.aborting {
             self.finish_abort(CALL_TIMEOUT)?;
         }
@@ -232,37 +247,48 @@ impl Committer {
                 .map_err(|e| classify(e, &self.tx, None))?;
             self.in_tx = true;
         }
+        for r in self.held.drain(..) {
+            self.tx.send(&r).map_err(|e| classify(e, &self.tx, None))?;
+        }
         Ok(())
     }
 
-    /// Sends a batch's output (into the open transaction under exactly-once, opening one if
-    /// needed) and records the input offsets it covers: (topic, partition, next offset).
+    /// Sends a batch's output and records the input offsets it covers: (topic, partition,
+    /// next offset). Under exactly-once into the open transaction (beginning one if needed),
+    /// or, while a commit is in flight, held back for the next; under at-least-once at once,
+    /// outside the transaction.
     pub fn send(
         &mut self,
         out: &mut Output,
         processed: impl IntoIterator<Item = (String, i32, i64)>,
     ) -> Result<(), CommitError> {
-        let records = out
-            .forwards
-            .iter()
-            .chain(&out.dead_letters)
-            .chain(&out.verdicts);
-        match &self.direct {
-            Some(direct) => {
-                for r in records {
-                    direct
-                        .send(r)
-                        .map_err(|e| classify(e, &self.tx, Some(direct)))?;
-                }
-                direct.serve_deliveries();
+        if let Some(direct) = &self.direct {
+            for r in out
+                .forwards
+                .iter()
+                .chain(&out.dead_letters)
+                .chain(&out.verdicts)
+            {
+                direct
+                    .send(r)
+                    .map_err(|e| classify(e, &self.tx, Some(direct)))?;
             }
-            None => {
-                self.begin()?;
-                for r in records {
-                    self.tx.send(r).map_err(|e| classify(e, &self.tx, None))?;
-                }
-                self.tx.serve_deliveries();
+            direct.serve_deliveries();
+        } else if self.in_flight.is_some() {
+            self.held.append(&mut out.forwards);
+            self.held.append(&mut out.dead_letters);
+            self.held.append(&mut out.verdicts);
+        } else {
+            self.release()?;
+            for r in out
+                .forwards
+                .iter()
+                .chain(&out.dead_letters)
+                .chain(&out.verdicts)
+            {
+                self.tx.send(r).map_err(|e| classify(e, &self.tx, None))?;
             }
+            self.tx.serve_deliveries();
         }
         if !self.open {
             self.open = true;
@@ -277,61 +303,84 @@ impl Committer {
         Ok(())
     }
 
-    /// At-least-once: starts the commit of what was processed so far, with `state`'s
-    /// changelog records, on a thread of its own, and empties `state`; the batches after it
-    /// read its state through [`Committer::committing`]. The one in flight before must be
-    /// settled. Without records processed, does nothing.
+    /// Starts the commit of what was processed so far, with `state`'s changelog records, on a
+    /// thread of its own, and empties `state`; the batches after it read its state through
+    /// [`Committer::committing`]. The one in flight before must be settled
+    /// ([`Committer::settle`]). Without records processed, does nothing.
     pub fn start<C: ConsumerContext>(
         &mut self,
         consumer: &impl Consumer<C>,
         state: &mut StateBatch,
     ) -> Result<(), CommitError> {
         assert!(self.in_flight.is_none(), "one commit in flight at a time");
-        let Some(direct) = self.direct.clone() else {
-            panic!("only at-least-once commits beside the batches");
-        };
         if !self.open {
             return Ok(());
         }
-        if self.aborting {
-            self.finish_abort(CALL_TIMEOUT)?;
-        }
+        let direct = self.direct.clone();
+        // At-least-once: the commit waits for the records sent so far (this generation),
+        // and begins its transaction itself. Exactly-once: its transaction holds them all.
+        let generation = match &direct {
+            Some(d) => {
+                if self.aborting {
+                    self.finish_abort(CALL_TIMEOUT)?;
+                }
+                d.cut()
+            }
+            None => {
+                self.release()?;
+                // The commit's thread has the transaction now.
+                self.in_tx = false;
+                0
+            }
+        };
         self.open = false;
         self.commits += 1;
-        let generation = direct.cut();
         let state = Arc::new(std::mem::take(state));
         let offsets = std::mem::take(&mut self.offsets);
+        let done = Arc::new(AtomicBool::new(false));
         let group = consumer.group_metadata();
         let work = {
             let (tx, state, offsets) = (self.tx.clone(), state.clone(), offsets.clone());
-            let (crash, commit) = (self.crash.clone(), self.commits);
+            let (crash, commit, wake) = (self.crash.clone(), self.commits, self.wake.clone());
+            let done = done.clone();
             std::thread::Builder::new()
                 .name("commit".into())
                 .spawn(move || {
-                    if let Err(e) = tx.producer().begin_transaction() {
-                        return Finished {
-                            result: Err(classify(e, &tx, Some(&direct))),
+                    let direct = direct.as_deref();
+                    let begun = match direct {
+                        Some(_) => tx.producer().begin_transaction(),
+                        None => Ok(()),
+                    };
+                    let finished = match begun {
+                        Err(e) => Finished {
+                            result: Err(classify(e, &tx, direct)),
                             in_tx: false,
-                        };
-                    }
-                    let result = finish(
-                        &tx,
-                        Some((&direct, generation)),
-                        &state,
-                        &offsets,
-                        group,
-                        crash.as_deref(),
-                        commit,
-                    );
-                    Finished {
-                        in_tx: result.is_err(),
-                        result,
-                    }
+                        },
+                        Ok(()) => {
+                            let result = finish(
+                                &tx,
+                                direct.map(|d| (d, generation)),
+                                &state,
+                                &offsets,
+                                group,
+                                crash.as_deref(),
+                                commit,
+                            );
+                            Finished {
+                                in_tx: result.is_err(),
+                                result,
+                            }
+                        }
+                    };
+                    done.store(true, Ordering::Release);
+                    wake.notify();
+                    finished
                 })
                 .map_err(|e| CommitError::Aborted(format!("cannot start a commit thread: {e}")))?
         };
         self.in_flight = Some(InFlight {
             work,
+            done,
             expired: state.expired.iter().copied().collect(),
             state,
             offsets,
@@ -366,37 +415,16 @@ impl Committer {
 
     /// Commits what was processed so far with `state`'s changelog records and waits for it,
     /// then writes `state` to `store` with its checkpoints and clears it. Without records
-    /// processed, does nothing. The commit in flight (at-least-once) must be settled first.
-    /// On an error the transaction is aborted (or the producer is finished): see
-    /// [`CommitError`].
+    /// processed, does nothing. The commit in flight must be settled first. On an error the
+    /// transaction is aborted (or the producer is finished): see [`CommitError`].
     pub fn commit<C: ConsumerContext>(
         &mut self,
         consumer: &impl Consumer<C>,
         state: &mut StateBatch,
         store: &Store,
     ) -> Result<Option<Committed>, CommitError> {
-        if self.direct.is_some() {
-            self.start(consumer, state)?;
-            return self.settle(store);
-        }
-        if !self.open {
-            return Ok(None);
-        }
-        let started = Instant::now();
-        self.open = false;
-        self.commits += 1;
-        let offsets = std::mem::take(&mut self.offsets);
-        let result = finish(
-            &self.tx,
-            None,
-            state,
-            &offsets,
-            consumer.group_metadata(),
-            self.crash.as_deref(),
-            self.commits,
-        );
-        let decisions = std::mem::take(&mut self.decisions);
-        self.completed(result, state, offsets, decisions, started, store)
+        self.start(consumer, state)?;
+        self.settle(store)
     }
 
     /// Ends a commit: on success writes `state` to the store with the checkpoints and counts
@@ -449,6 +477,7 @@ impl Committer {
         self.in_tx = false;
         self.offsets.clear();
         self.decisions.clear();
+        self.held.clear();
         if self.aborting {
             if let Err(e) = self.finish_abort(CALL_TIMEOUT) {
                 tracing::warn!(error = %e, "Abort not finished yet; resumed before the next transaction.");
@@ -487,10 +516,6 @@ impl Committer {
                 }
             }
         }
-    }
-
-    pub fn guarantee(&self) -> Guarantee {
-        self.guarantee
     }
 }
 

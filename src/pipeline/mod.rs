@@ -42,7 +42,7 @@ use self::intake::{Queues, Record, Wake};
 use self::merge::{Merge, Progress, Queued, INPUTS, NAV, REPARTITION, TX};
 use self::rebalance::{GroupConsumer, GroupContext, Restorer};
 use self::score::Scoring;
-use crate::config::{Guarantee, Settings};
+use crate::config::Settings;
 use crate::decision::rules::RuleSet;
 use crate::decision::Decision;
 use crate::decode::{Decoder, ErrorKind};
@@ -74,10 +74,6 @@ const EXPIRY_LIMIT: usize = 10_000;
 /// Fatal producer errors in a row after which the instance gives up (a new producer is
 /// made after each: it fences the old one and aborts its transaction).
 const MAX_PRODUCER_RESETS: u32 = 5;
-
-/// How long a poll may wait while a commit runs beside the batches: it is settled (the
-/// store written, its offsets taken as committed) within this of its end.
-const IN_FLIGHT_POLL: Duration = Duration::from_millis(2);
 
 /// Bytes kept free under a size limit for a record's framing in its batch.
 const RECORD_OVERHEAD: usize = 512;
@@ -391,7 +387,8 @@ fn worker(
     let decoder = Decoder::new(&settings.input, model.features.requirements())?;
     let transactional_id = format!("{}-{}", settings.group_id, store.instance_id()?);
     tracing::info!(worker = index, %transactional_id, guarantee = ?settings.processing.guarantee, "Processing guarantee.");
-    let committer = Committer::new(settings, &transactional_id)?;
+    let wake = Arc::new(Wake::default());
+    let committer = Committer::new(settings, &transactional_id, wake.clone())?;
     let budget = settings.decision.latency_budget_ms;
     let view = model.view();
     let runner = Runner::start(model, (budget > 0).then(|| Duration::from_millis(budget)))
@@ -416,7 +413,6 @@ fn worker(
     inputs[NAV] = (!topics.navigation.is_empty()).then(|| topics.navigation.clone());
     inputs[REPARTITION] = Some(settings.repartition_topic());
     inputs[TX] = Some(topics.transactions.clone());
-    let wake = Arc::new(Wake::default());
     let core = Core {
         inputs: inputs.clone(),
         worker: index,
@@ -450,6 +446,7 @@ fn worker(
         watermarks: HashMap::new(),
         held: BTreeSet::new(),
         queues: Queues::new(wake.clone()),
+        wake: wake.clone(),
         ready: Vec::new(),
         output: Output::default(),
         processed: HashMap::new(),
@@ -565,10 +562,13 @@ fn gather(
             }
             polls += 1;
         }
-        core.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .fill(msgs, from, max_records);
-        if msgs.len() >= max_records {
+        let settle = {
+            let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
+            core.fill(msgs, from, max_records);
+            core.committer.finished()
+        };
+        // A commit done beside the batches is settled without waiting for records.
+        if msgs.len() >= max_records || (settle && msgs.is_empty()) {
             return;
         }
         let now = Instant::now();
@@ -640,6 +640,8 @@ pub struct Core {
     held: BTreeSet<(usize, i32)>,
     /// Each assigned input partition's own queue.
     queues: Queues,
+    /// Wakes the loop: records arrived, or a commit beside the batches is done.
+    wake: Arc<Wake>,
     ready: Vec<Queued<Record>>,
     output: Output,
     /// Next offset per (input, partition) processed in the current batch.
@@ -654,10 +656,6 @@ impl Core {
         let mut wait = Duration::from_millis(100);
         if let Some(due) = self.committer.due_in() {
             wait = wait.min(due);
-        }
-        if self.committer.in_flight() {
-            // To settle it soon after it is done.
-            wait = wait.min(IN_FLIGHT_POLL);
         }
         if self.merge.buffered() > 0 || self.restorer.restoring() > 0 {
             wait = wait.min(self.max_wait.max(Duration::from_millis(1)));
@@ -806,9 +804,9 @@ impl Core {
         Ok(())
     }
 
-    /// Commits what was processed, expiring idle state first where due; under
-    /// at-least-once with `behind`, the commit runs beside the next batches (settled by a
-    /// later step), else it is waited for. A commit in flight is settled first.
+    /// Commits what was processed, expiring idle state first where due; with `behind`, the
+    /// commit runs beside the next batches (settled by a later step), else it is waited for.
+    /// A commit in flight is settled first.
     fn commit(
         &mut self,
         consumer: &BaseConsumer<GroupContext>,
@@ -823,7 +821,7 @@ impl Core {
         // committed one back from the store).
         let moved = self.state.stream_time.clone();
         self.stream_time.extend(moved);
-        let done = if behind && self.committer.guarantee() == Guarantee::AtLeastOnce {
+        let done = if behind {
             self.committer
                 .start(consumer, &mut self.state)
                 .map(|()| None)
@@ -897,7 +895,8 @@ impl Core {
                     anyhow::bail!("the transactional producer keeps failing ({why}); stopping");
                 }
                 tracing::warn!(reason = %why, "The transactional producer failed for good (fenced?); making a new one and processing again from the last commit.");
-                self.committer = Committer::new(&self.settings, &self.transactional_id)?;
+                self.committer =
+                    Committer::new(&self.settings, &self.transactional_id, self.wake.clone())?;
             }
             CommitError::State(e) => return Err(e.into()),
         }
