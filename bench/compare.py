@@ -184,7 +184,6 @@ def rate_phase(args, system, reader, rate, seconds):
     cpu, bcpu = system_cpu(system) - cpu0, proc_cpu(args.broker_pid) - bcpu0
     watermarks.close()
     samples = reader.samples[start:start + n]
-    lat = sorted(s[1] for s in samples)
     # Over the time the perf tool took to send them (the verdicts' timestamps are the sends),
     # never less than the phase: a tool starved of CPU that sends late lowers the rate achieved.
     sent_at = [s[0] - s[1] / 1000 for s in samples]
@@ -194,8 +193,7 @@ def rate_phase(args, system, reader, rate, seconds):
     per = 100_000 / max(1, got)
     phase = {
         "rate": rate, "sent": n, "verdicts": got, "achieved": round(achieved, 1),
-        "p50_ms": round(pct(lat, 0.5), 1), "p99_ms": round(pct(lat, 0.99), 1),
-        "p999_ms": round(pct(lat, 0.999), 1), "max_ms": round(lat[-1], 1) if lat else None,
+        **e2e.latencies(samples),
         "peak_lag": int(max((v for _, v in lag), default=0)),
         "lag_growth_second_half": int(growth),
         # From the perf tool's exit to the phase's last verdict read.
@@ -341,7 +339,9 @@ def markdown(result):
                   f"{a['seconds']:g} s each after a {a['warmup_seconds']:g}-s warm-up")
     out = [f"`{result['command']}`", "",
            f"{scale}; {result['machine']['cores']} cores; {result['wall_s'] / 60:.1f} min. Backlog tx/s: first "
-           "verdict to last (start-up apart). Latency: produced → verdict read (read_committed). CPU: utime + "
+           "verdict to last (start-up apart). Latency: produced → verdict read (read_committed), of the records "
+           f"produced from {e2e.SETTLE_S:g} s after a rate's first on (a new perf-test JVM starts then, bench/e2e.py's "
+           "SETTLE_S); `p99 all` includes them. CPU: utime + "
            "stime of the scorer process (fraudstream; the peer's JVM; gunicorn's master and workers) and of the "
            "broker, per 100,000 transactions of the backlog without navigation (HTTP: of the saturation run).", ""]
     head = ["system", "backlog tx/s"] + ([f"with {nav_per_tx} nav/tx: tx/s (+ nav/s)"] if nav_per_tx else []) + [
@@ -364,14 +364,14 @@ def markdown(result):
         out += [""] + failed
     if not per_rate:
         return "\n".join(out) + "\n"
-    out += ["", "| system | offered tx/s | achieved | p50 | p99 | p99.9 | max | scorer CPU-s / 100k | broker CPU-s / 100k | |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    out += ["", "| system | offered tx/s | achieved | p50 | p99 | p99.9 | max | p99 all | scorer CPU-s / 100k | broker CPU-s / 100k | |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in per_rate:
         note = "fell behind" if p["fell_behind"] else ""
         note = "; ".join(x for x in (note, p.get("note")) if x)
         out.append(f"| {p['system']} | {p['rate']:,} | {fmt(p['achieved'])} | {latency(p['p50_ms'])} | "
                    f"{latency(p['p99_ms'])} | {latency(p['p999_ms'])} | {latency(p['max_ms'])} | "
-                   f"{fmt(p['cpu_s_per_100k'], digits=1)} | {fmt(p['broker_cpu_s_per_100k'], digits=1)} | {note} |")
+                   f"{latency(p.get('p99_all_ms'))} | {fmt(p['cpu_s_per_100k'], digits=1)} | {fmt(p['broker_cpu_s_per_100k'], digits=1)} | {note} |")
     return "\n".join(out) + "\n"
 
 
