@@ -51,6 +51,10 @@ use crate::telemetry;
 /// How long one transactional call may block.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Records held for the next transaction while one commits (exactly-once) at which the
+/// batches wait for the commit.
+const MAX_HELD: usize = 50_000;
+
 /// Test hook for the chaos runs: `FRAUDSTREAM_TEST_CRASH=<point>:<n>` aborts the process at
 /// `point` of its n-th commit, as a SIGKILL at that moment would. Points: `before-offsets`
 /// (records sent, transaction open), `before-commit` (offsets sent), `before-store` (committed,
@@ -227,6 +231,13 @@ impl Committer {
         self.in_flight
             .as_ref()
             .is_some_and(|f| f.done.load(Ordering::Acquire))
+    }
+
+    /// Whether the batches must wait for the commit in flight: under exactly-once their
+    /// records are held until it ends, in memory, and a commit the broker is slow to take
+    /// would otherwise let them grow without bound.
+    pub fn must_settle(&self) -> bool {
+        self.in_flight.is_some() && self.held.len() >= MAX_HELD
     }
 
     /// The state of the commit in flight, for the batches after it to read through.

@@ -713,7 +713,7 @@ impl Core {
 
     /// One turn of the loop after a poll: restores, the merge, a batch, maybe a commit.
     fn step(&mut self, consumer: &Arc<GroupConsumer>) -> anyhow::Result<()> {
-        if self.committer.finished() {
+        if self.committer.finished() || self.committer.must_settle() {
             self.settle(consumer)?;
         }
         if self.rewind {

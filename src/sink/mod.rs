@@ -296,7 +296,7 @@ impl Sink {
     /// Ends the generation of the records sent so far (returned) and starts the other: a
     /// commit waits for its own records ([`Sink::wait_acknowledged`]) while the next batches
     /// send theirs. At most two generations are open: the one a commit waits for, and the
-    /// one after it.
+    /// one after it. Called on the thread that sends.
     pub fn cut(&self) -> usize {
         self.generation.fetch_xor(1, Ordering::AcqRel)
     }
