@@ -1,5 +1,6 @@
 """fraudstream beside its peers: one run, one broker, one table. Run by `bench/compare`, which
-builds and starts what is needed; writes bench/results/compare-<time>.{json,md,png} and prints
+builds and starts what is needed; writes bench/results/compare-<time>.{json,md,png} (and
+each stream processor's rate timeline, compare-<time>-<system>-rates.png) and prints
 the Markdown table.
 
 Systems (`--systems`, run one after another on the same broker, data and machine):
@@ -145,8 +146,9 @@ def clean_up(args, run):
     shutil.rmtree(f"/tmp/{run}-state", ignore_errors=True)
 
 
-def rate_phase(args, system, reader, rate, seconds):
-    """`rate` transactions/s for `seconds`, then until all are answered (or --drain-timeout)."""
+def rate_phase(args, system, reader, rate, seconds, timeline=None):
+    """`rate` transactions/s for `seconds`, then until all are answered (or --drain-timeout).
+    `timeline`: a list to append (rate, time of the first record sent, samples, lag) to."""
     start = len(reader.samples)
     topic = system.topics["transactions"]
     watermarks = Consumer({"bootstrap.servers": args.bootstrap, "group.id": f"compare-lag-{time.time_ns()}"})
@@ -203,7 +205,30 @@ def rate_phase(args, system, reader, rate, seconds):
         "perf_test": tool_line,
     }
     phase["fell_behind"] = fell_behind(phase)
+    if timeline is not None:
+        timeline.append((rate, t_first or t_sent, samples, lag))
     return phase
+
+
+def plot_timeline(timeline, title, path):
+    """Each rate's latencies over time (by read time) and its unanswered transactions, as
+    bench/e2e.py draws a run: where a p99 comes from (a start, a stall, a slope)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(timeline), 1, figsize=(9, 3 * len(timeline)), squeeze=False)
+    for ax, (rate, t0, samples, lag) in zip(axes[:, 0], timeline):
+        ax.plot([t - t0 for t, _ in samples], [max(0.1, ms) for _, ms in samples], ",", alpha=0.5)
+        ax.set_yscale("log")
+        ax.set_ylabel("latency, ms")
+        right = ax.twinx()
+        right.plot([t for t, _ in lag], [v for _, v in lag], color="tab:red")
+        right.set_ylabel("unanswered")
+        ax.set_title(f"{title}: {rate:,} tx/s")
+    axes[-1, 0].set_xlabel("seconds from the first record sent")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def run_stream_system(args, name, kind, guarantee, run):
@@ -233,13 +258,16 @@ def run_stream_system(args, name, kind, guarantee, run):
             if args.warmup_seconds:
                 print(f"{name}: warm-up, {args.rates[0]:,} tx/s for {args.warmup_seconds} s", file=sys.stderr, flush=True)
                 rate_phase(args, system, reader, args.rates[0], args.warmup_seconds)
+            timeline = []
             for rate in args.rates:
                 print(f"{name}: {rate:,} tx/s for {args.seconds} s", file=sys.stderr, flush=True)
-                p = rate_phase(args, system, reader, rate, args.seconds)
+                p = rate_phase(args, system, reader, rate, args.seconds, timeline)
                 out["rates"].append(p)
                 print(json.dumps(p), file=sys.stderr, flush=True)
                 if p["fell_behind"]:
                     break
+            os.makedirs(args.out, exist_ok=True)
+            plot_timeline(timeline, name, os.path.join(args.out, f"{run}-{name}-rates.png"))
         finally:
             if reader is not None:
                 reader.stopped = True
