@@ -210,27 +210,6 @@ def rate_phase(args, system, reader, rate, seconds, timeline=None):
     return phase
 
 
-def plot_timeline(timeline, title, path):
-    """Each rate's latencies over time (by read time) and its unanswered transactions, as
-    bench/e2e.py draws a run: where a p99 comes from (a start, a stall, a slope)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(timeline), 1, figsize=(9, 3 * len(timeline)), squeeze=False)
-    for ax, (rate, t0, samples, lag) in zip(axes[:, 0], timeline):
-        ax.plot([t - t0 for t, _ in samples], [max(0.1, ms) for _, ms in samples], ",", alpha=0.5)
-        ax.set_yscale("log")
-        ax.set_ylabel("latency, ms")
-        right = ax.twinx()
-        right.plot([t for t, _ in lag], [v for _, v in lag], color="tab:red")
-        right.set_ylabel("unanswered")
-        ax.set_title(f"{title}: {rate:,} tx/s")
-    axes[-1, 0].set_xlabel("seconds from the first record sent")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
 def run_stream_system(args, name, kind, guarantee, run):
     """Backlog (without, then with navigation), then the rate ladder, each on fresh topics."""
     out = {"system": name, "guarantee": guarantee}
@@ -267,7 +246,8 @@ def run_stream_system(args, name, kind, guarantee, run):
                 if p["fell_behind"]:
                     break
             os.makedirs(args.out, exist_ok=True)
-            plot_timeline(timeline, name, os.path.join(args.out, f"{run}-{name}-rates.png"))
+            e2e.plot_timeline([(f"{name}: {rate:,} tx/s", t0, samples, lag) for rate, t0, samples, lag in timeline],
+                              os.path.join(args.out, f"{run}-{name}-rates.png"))
         finally:
             if reader is not None:
                 reader.stopped = True

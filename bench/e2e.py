@@ -210,6 +210,27 @@ def scorer_timing(metrics_addr):
     return out
 
 
+def plot_timeline(timeline, path):
+    """Each phase's latencies over time and its lag (transactions not answered), one panel per
+    (title, t0, samples, lag): where a p99 comes from (a start, a stall, a slope)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(timeline), 1, figsize=(9, 3 * len(timeline)), squeeze=False)
+    for ax, (title, t0, samples, lag) in zip(axes[:, 0], timeline):
+        ax.plot([t - t0 for t, _ in samples], [max(0.1, ms) for _, ms in samples], ",", alpha=0.5)
+        ax.set_yscale("log")
+        ax.set_ylabel("latency, ms")
+        right = ax.twinx()
+        right.plot([t for t, _ in lag], [v for _, v in lag], color="tab:red")
+        right.set_ylabel("lag, transactions")
+        ax.set_title(title)
+        ax.set_xlabel("seconds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def summarise(name, samples, sent, t0, t_end, cpu, broker_cpu, hwm, lag, counted=None):
     """`counted`: the verdicts `cpu` and `broker_cpu` were measured over (default: all)."""
     got = len(samples)
@@ -406,21 +427,8 @@ def main():
         json.dump({"run": run, "partitions": args.partitions, "guarantee": args.guarantee,
                    "navigation_per_tx": round(args.nav_ratio, 2), "results": results}, f, indent=1)
     if timeline:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(len(timeline), 1, figsize=(9, 3 * len(timeline)), squeeze=False)
-        for ax, (phase, t0, samples, lag) in zip(axes[:, 0], timeline):
-            ax.plot([s[0] - t0 for s in samples], [max(0.1, s[1]) for s in samples], ",", alpha=0.5)
-            ax.set_yscale("log")
-            ax.set_ylabel("latency, ms")
-            ax2 = ax.twinx()
-            ax2.plot([t for t, _ in lag], [v for _, v in lag], color="tab:red")
-            ax2.set_ylabel("lag, transactions")
-            ax.set_title(f"{phase} ({args.guarantee})")
-            ax.set_xlabel("seconds")
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.out, f"{run}.png"), dpi=90)
+        plot_timeline([(f"{phase} ({args.guarantee})", t0, samples, lag) for phase, t0, samples, lag in timeline],
+                      os.path.join(args.out, f"{run}.png"))
     print(f"{'phase':<16}{'tx/s':>9}{'p50 ms':>9}{'p99':>9}{'p99.9':>9}{'max':>9}{'p99 all':>9}{'lag':>8}"
           f"{'cpu/100k':>10}{'broker':>8}{'rss MB':>8}")
     for r in results:
