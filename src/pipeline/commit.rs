@@ -221,11 +221,6 @@ impl Committer {
             .then(|| self.interval.saturating_sub(self.opened_at.elapsed()))
     }
 
-    /// Whether a commit runs beside the batches.
-    pub fn in_flight(&self) -> bool {
-        self.in_flight.is_some()
-    }
-
     /// Whether the commit beside the batches is done (to [`Committer::settle`]).
     pub fn finished(&self) -> bool {
         self.in_flight
