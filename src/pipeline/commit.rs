@@ -254,7 +254,7 @@ impl Committer {
             self.in_tx = true;
         }
         for r in self.held.drain(..) {
-            self.tx.send(&r).map_err(|e| classify(e, &self.tx, None))?;
+            self.tx.send(r).map_err(|e| classify(e, &self.tx, None))?;
         }
         Ok(())
     }
@@ -271,9 +271,9 @@ impl Committer {
         if let Some(direct) = &self.direct {
             for r in out
                 .forwards
-                .iter()
-                .chain(&out.dead_letters)
-                .chain(&out.verdicts)
+                .drain(..)
+                .chain(out.dead_letters.drain(..))
+                .chain(out.verdicts.drain(..))
             {
                 direct
                     .send(r)
@@ -288,9 +288,9 @@ impl Committer {
             self.release()?;
             for r in out
                 .forwards
-                .iter()
-                .chain(&out.dead_letters)
-                .chain(&out.verdicts)
+                .drain(..)
+                .chain(out.dead_letters.drain(..))
+                .chain(out.verdicts.drain(..))
             {
                 self.tx.send(r).map_err(|e| classify(e, &self.tx, None))?;
             }
@@ -551,7 +551,7 @@ fn finish(
             headers: None,
             timestamp: None,
         };
-        tx.send(&r).map_err(failed)?;
+        tx.send(r).map_err(failed)?;
     }
     if let Some((direct, generation)) = direct {
         // At-least-once: no offset is committed before its verdicts are acknowledged.

@@ -219,21 +219,22 @@ impl Sink {
         }
     }
 
-    /// Hands `r` to librdkafka, waiting while its queue is full. An error is the
-    /// producer's (fenced, fatal, or the transaction needs an abort). Delivery reports are
-    /// served by [`Sink::serve_deliveries`], once per batch, not per record.
-    pub fn send(&self, r: &OutRecord) -> Result<(), KafkaError> {
+    /// Hands `r` to librdkafka (its headers move there, not copied), waiting while its
+    /// queue is full. An error is the producer's (fenced, fatal, or the transaction needs an
+    /// abort). Delivery reports are served by [`Sink::serve_deliveries`], once per batch, not
+    /// per record.
+    pub fn send(&self, mut r: OutRecord) -> Result<(), KafkaError> {
         let generation = self.generation.load(Ordering::Acquire);
         let mut record =
             BaseRecord::<[u8], [u8], usize>::with_opaque_to(self.topic(r.topic), generation);
+        if let Some(h) = r.headers.take() {
+            record = record.headers(h);
+        }
         if let Some(p) = &r.payload {
             record = record.payload(p);
         }
         if let Some(k) = &r.key {
             record = record.key(k);
-        }
-        if let Some(h) = &r.headers {
-            record = record.headers(h.clone());
         }
         if let Some(p) = r.partition {
             record = record.partition(p);
