@@ -20,7 +20,10 @@ both systems set to their transaction's (the moment the perf tool sent it). Per 
 
 - backlog: `--backlog` transactions produced first, as fast as the tool can, then the system
   started on them; transactions/s from its first verdict to its last (start-up apart; the JSON
-  has both). Again with `--navigation-per-tx` navigation events per transaction.
+  has both). Again with `--navigation-per-tx` navigation events per transaction, drained once
+  the last verdict is read and the system has read all the navigation too (the Kafka Streams
+  peer answers the purchases before the browsing: `navigation_read_by_last_verdict`,
+  `drained_after_last_verdict_s`); its CPU is counted to then.
 - fixed rates (`--rates`, `--seconds` each, transactions only, like the HTTP peer's requests),
   after a `--warmup-seconds` run at the first rate that is not counted (the JVM compiles its
   hot paths then; fraudstream warms its caches): achieved transactions/s, latency
@@ -113,7 +116,23 @@ class StreamsPeer:
             self.proc.wait()
 
     def timing(self):
-        return {}
+        """What the peer has read (its consumer group's committed offsets, at most a commit
+        interval behind) of the navigation topic and of its repartition topic, and what it
+        has written to the latter: the figures fraudstream's metrics give for
+        `navigation_read_by_last_verdict`."""
+        repartition = f"{self.run}-events-repartition"
+        c = Consumer({"bootstrap.servers": self.args.bootstrap, "group.id": self.run})
+        try:
+            def read(topic):
+                tps = [TopicPartition(topic, p) for p in range(self.args.partitions)]
+                return sum(max(0, tp.offset) for tp in c.committed(tps, timeout=10))
+
+            written = sum(c.get_watermark_offsets(TopicPartition(repartition, p), timeout=10)[1]
+                          for p in range(self.args.partitions))
+            return {"consumed_navigation": read(self.topics["navigation"]),
+                    "consumed_repartition": read(repartition), "repartitioned": written}
+        finally:
+            c.close()
 
 
 def make_system(args, name, kind, guarantee, run):
@@ -347,18 +366,21 @@ def markdown(result):
                   f"{a['seconds']:g} s each after a {a['warmup_seconds']:g}-s warm-up")
     out = [f"`{result['command']}`", "",
            f"{scale}; {result['machine']['cores']} cores; {result['wall_s'] / 60:.1f} min. Backlog tx/s: first "
-           "verdict to last (start-up apart). Latency: produced → verdict read (read_committed), of the records "
+           "verdict to last (start-up apart); with navigation, to the last verdict and all the navigation read. Latency: produced → verdict read (read_committed), of the records "
            f"produced from {e2e.SETTLE_S:g} s after a rate's first on (a new perf-test JVM starts then, bench/e2e.py's "
            "SETTLE_S); `p99 all` includes them. CPU: utime + "
            "stime of the scorer process (fraudstream; the peer's JVM; gunicorn's master and workers) and of the "
-           "broker, per 100,000 transactions of the backlog without navigation (HTTP: of the saturation run).", ""]
-    head = ["system", "backlog tx/s"] + ([f"with {nav_per_tx} nav/tx: tx/s (+ nav/s)"] if nav_per_tx else []) + [
+           "broker, per 100,000 transactions of the backlog without navigation (HTTP: of the saturation run), and "
+           "with it in the navigation column.", ""]
+    head = ["system", "backlog tx/s"] + ([f"with {nav_per_tx} nav/tx: tx/s (+ nav/s); scorer CPU-s / 100k"]
+                                          if nav_per_tx else []) + [
             "tx per scorer CPU-s", "tx per scorer + broker CPU-s", "scorer CPU-s / 100k", "broker CPU-s / 100k",
             "peak RSS", "highest rate sustained"] + [f"p99 at {r:,}/s" for r in rate_cols]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         nav = s["nav"]
-        nav_cell = (f"{fmt(nav.get('drain_tx_per_s'))} (+ {fmt(nav.get('drain_nav_per_s'))})" if nav else "–")
+        nav_cell = (f"{fmt(nav.get('drain_tx_per_s'))} (+ {fmt(nav.get('drain_nav_per_s'))}); "
+                    f"{fmt(nav.get('cpu_s_per_100k'), digits=1)}" if nav else "–")
         by_rate = {p["rate"]: p for p in s["rates"]}
         p99s = [(latency(by_rate[r]["p99_ms"]) + (" (fell behind)" if by_rate[r]["fell_behind"] else ""))
                 if r in by_rate else "–" for r in rate_cols]
