@@ -223,6 +223,17 @@ def rate_phase(args, system, reader, rate, seconds, timeline=None):
         "peak_rss_mb": round(system_hwm(system) / 2**20, 1),
         "perf_test": tool_line,
     }
+    if reader.split:
+        # Where the slow verdicts' time went: after scoring (producing, the broker, the
+        # reader) or before (the perf tool, the broker, fetching, processing).
+        after = reader.after_scoring[start:start + n]
+        slow = [(ms, a) for (_, ms), a in zip(samples, after) if a is not None and ms > 250]
+        done = sorted(a for a in after if a is not None)
+        phase["after_scoring_p50_ms"] = round(pct(done, 0.5), 1)
+        phase["after_scoring_p99_ms"] = round(pct(done, 0.99), 1)
+        phase["over_250ms"] = len(slow)
+        phase["over_250ms_after_scoring_share"] = (round(sum(a for _, a in slow) / sum(ms for ms, _ in slow), 3)
+                                                   if slow else None)
     phase["fell_behind"] = fell_behind(phase)
     if timeline is not None:
         timeline.append((rate, t_first or t_sent, samples, lag))
@@ -251,7 +262,7 @@ def run_stream_system(args, name, kind, guarantee, run):
         out["rates"] = []
         try:
             system.start()
-            reader = Reader(args, system.topics["verdicts"], args.partitions)
+            reader = Reader(args, system.topics["verdicts"], args.partitions, split=args.split_latency)
             reader.start()
             if args.warmup_seconds:
                 print(f"{name}: warm-up, {args.rates[0]:,} tx/s for {args.warmup_seconds} s", file=sys.stderr, flush=True)
@@ -465,6 +476,9 @@ def main():
     ap.add_argument("--navigation-per-tx", type=int, default=10,
                     help="navigation events per transaction in the second backlog (0: no second backlog)")
     ap.add_argument("--rates", default="1000,5000,10000,20000", help="transactions/s; empty: no rate phases")
+    ap.add_argument("--split-latency", action="store_true",
+                    help="also read each JSON verdict's scored_at: how much of the latency, and of the slow "
+                         "verdicts' (over 250 ms), came after scoring (the reader parses every verdict)")
     ap.add_argument("--seconds", type=float, default=30, help="length of each rate phase")
     ap.add_argument("--warmup-seconds", type=float, default=10)
     ap.add_argument("--http-saturation-seconds", type=float, default=None, help="default: --seconds")

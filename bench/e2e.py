@@ -25,6 +25,7 @@ of the scorer (VmHWM).
 """
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -163,14 +164,18 @@ class Scorer:
 
 
 class Reader(threading.Thread):
-    """Reads verdicts (read_committed); latency = read time - the record's timestamp."""
+    """Reads verdicts (read_committed); latency = read time - the record's timestamp. With
+    `split`, also how much of it came after the verdict's `scored_at` (JSON verdicts):
+    `after_scoring[i]` (ms, or None) for `samples[i]`."""
 
-    def __init__(self, args, topic, partitions):
+    def __init__(self, args, topic, partitions, split=False):
         super().__init__(daemon=True)
         self.c = Consumer({"bootstrap.servers": args.bootstrap, "group.id": f"e2e-reader-{time.time_ns()}",
                            "enable.auto.commit": False, "isolation.level": "read_committed"})
         self.c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
         self.samples = []  # (read time s, latency ms)
+        self.split = split
+        self.after_scoring = []
         self.stopped = False
 
     def run(self):
@@ -184,6 +189,21 @@ class Reader(threading.Thread):
                 if m.error():
                     continue
                 self.samples.append((now, now * 1000 - m.timestamp()[1]))
+                if self.split:
+                    self.after_scoring.append(after_scoring(m.value(), now))
+
+
+def after_scoring(value, now):
+    """ms from a JSON verdict's `scored_at` (RFC 3339, UTC) to `now` (s), or None."""
+    i = value.find(b'"scored_at":"') if value else -1
+    if i < 0:
+        return None
+    end = value.find(b'"', i + 13)
+    try:
+        scored = datetime.datetime.fromisoformat(value[i + 13:end].decode().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return now * 1000 - scored.timestamp() * 1000
 
 
 def scorer_timing(metrics_addr):
