@@ -181,13 +181,23 @@ def rate_phase(args, system, reader, rate, seconds, timeline=None):
     cpu0, bcpu0 = system_cpu(system), proc_cpu(args.broker_pid)
     tool = perf_test(args, topic, n, rate, args.tx_payload)
     t_first, lag = None, []  # lag: (s since the first record sent, transactions in the topic not answered)
+    # fraudstream: every 0.25 s, (s since the first record sent, sent, read from the transactions
+    # topic, read from the repartition topic, answered): a stall where the reads stop is before
+    # processing (the broker, the fetch, the forward's round trip), one where they go on is in it.
+    metrics = getattr(system, "metrics", None)
+    read0 = inputs_read(metrics) if metrics else (0, 0)
+    trace = []
     while tool.poll() is None:
         time.sleep(0.25)
         now, sent = time.time(), produced() - base
         if t_first is None and sent > 0:
             t_first = now
         if t_first is not None:
-            lag.append((now - t_first, sent - (len(reader.samples) - start)))
+            answered = len(reader.samples) - start
+            lag.append((now - t_first, sent - answered))
+            if metrics:
+                read = inputs_read(metrics)
+                trace.append((round(now - t_first, 2), sent, read[0] - read0[0], read[1] - read0[1], answered))
     t_sent = time.time()
     tool_line = " ".join(tool.communicate()[0].strip().splitlines()[-1:])
     time.sleep(max(0.0, t_sent + GRACE_S - time.time()))
@@ -234,10 +244,18 @@ def rate_phase(args, system, reader, rate, seconds, timeline=None):
         phase["over_250ms"] = len(slow)
         phase["over_250ms_after_scoring_share"] = (round(sum(a for _, a in slow) / sum(ms for ms, _ in slow), 3)
                                                    if slow else None)
+    if trace:
+        phase["trace"] = trace
     phase["fell_behind"] = fell_behind(phase)
     if timeline is not None:
         timeline.append((rate, t_first or t_sent, samples, lag))
     return phase
+
+
+def inputs_read(metrics):
+    """Records fraudstream has read from its transactions topic and from its repartition topic."""
+    t = e2e.scorer_timing(metrics)
+    return t.get("consumed_transactions", 0), t.get("consumed_repartition", 0)
 
 
 def run_stream_system(args, name, kind, guarantee, run):
