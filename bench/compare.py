@@ -181,10 +181,11 @@ def rate_phase(args, system, reader, rate, seconds, timeline=None):
     cpu0, bcpu0 = system_cpu(system), proc_cpu(args.broker_pid)
     tool = perf_test(args, topic, n, rate, args.tx_payload)
     t_first, lag = None, []  # lag: (s since the first record sent, transactions in the topic not answered)
-    # fraudstream: every 0.25 s, (s since the first record sent, sent, read from the transactions
-    # topic, read from the repartition topic, answered): a stall where the reads stop is before
-    # processing (the broker, the fetch, the forward's round trip), one where they go on is in it.
-    metrics = getattr(system, "metrics", None)
+    # With --split-latency, fraudstream: every 0.25 s, (s since the first record sent, sent, read
+    # from the transactions topic, read from the repartition topic, answered): a stall where the
+    # reads stop is before processing (the broker, the fetch, the forward's round trip), one
+    # where they go on is in it. Not by default: the measured run polls no system's metrics.
+    metrics = getattr(system, "metrics", None) if reader.split else None
     read0 = inputs_read(metrics) if metrics else (0, 0)
     trace = []
     while tool.poll() is None:
@@ -495,8 +496,9 @@ def main():
                     help="navigation events per transaction in the second backlog (0: no second backlog)")
     ap.add_argument("--rates", default="1000,5000,10000,20000", help="transactions/s; empty: no rate phases")
     ap.add_argument("--split-latency", action="store_true",
-                    help="also read each JSON verdict's scored_at: how much of the latency, and of the slow "
-                         "verdicts' (over 250 ms), came after scoring (the reader parses every verdict)")
+                    help="diagnose the rates' latency: how much of it, and of the slow verdicts' (over 250 ms), "
+                         "came after scoring (the reader parses each JSON verdict's scored_at), and, for "
+                         "fraudstream, what it read from each input every 0.25 s (its metrics polled)")
     ap.add_argument("--seconds", type=float, default=30, help="length of each rate phase")
     ap.add_argument("--warmup-seconds", type=float, default=10)
     ap.add_argument("--http-saturation-seconds", type=float, default=None, help="default: --seconds")
