@@ -336,10 +336,14 @@ pub struct BatchSettings {
     pub max_records: usize,
     /// How long a batch waits to fill once its first message arrived.
     pub max_wait_ms: u64,
-    /// Timestamp-ordered merge of a partition's inputs: how long a buffered record may wait
-    /// for another input of its partition that has nothing buffered and is not known to be
-    /// caught up (Kafka Streams' `max.task.idle.ms`).
+    /// Event-time merge of a partition's inputs: how long a buffered record waits for
+    /// another input of its partition that has nothing buffered and is read to its end, for
+    /// a record still to be produced upstream (Kafka Streams' `max.task.idle.ms`).
     pub max_task_idle_ms: u64,
+    /// How long it waits for an input with records on the broker not fetched yet (or
+    /// whose position is not known yet); a bound for a broker that does not answer (Kafka
+    /// Streams waits without one).
+    pub max_fetch_wait_ms: u64,
     /// Bytes of input the merge may hold over all its partitions (messages and what was
     /// decoded from them): an input partition is paused once it holds its share (this over
     /// the assigned input partitions, at least 1 MiB), or 50,000 records.
@@ -351,7 +355,8 @@ impl Default for BatchSettings {
         BatchSettings {
             max_records: 1000,
             max_wait_ms: 5,
-            max_task_idle_ms: 50,
+            max_task_idle_ms: 0,
+            max_fetch_wait_ms: 10_000,
             max_buffered_bytes: 256 * 1024 * 1024,
         }
     }

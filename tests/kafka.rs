@@ -66,7 +66,7 @@ async fn inputs_written_in_transactions_are_read_to_their_end() {
     let aborted = tx(&rows[9], "aborted", "c1", "s1", "x@y.z", T0 + 20_000);
     send_in_transaction(&p, &[(&t.transactions, "c1", Some(aborted))], false).await;
 
-    let idle = ("FRAUDSTREAM__BATCH__MAX_TASK_IDLE_MS", "120000");
+    let idle = ("FRAUDSTREAM__BATCH__MAX_FETCH_WAIT_MS", "120000");
     let mut scorer = Scorer::start(&t, &[AUDIT, idle]);
     scorer.wait_ready(Duration::from_secs(60)).await;
     let mut reader = Reader::new(&t.verdicts);

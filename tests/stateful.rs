@@ -74,7 +74,8 @@ async fn browsing_before_a_purchase_is_seen_in_event_time_order() {
 /// half a second at the broker) the merge gave up on the navigation input and scored
 /// purchases without their sessions. The prefetch limit is set low here, so that a debug
 /// build reaches it as often as a release build does with the default one, and the merge's
-/// wait is 500 ms, ten times the default, so only a stall of the fetching fails the test.
+/// wait for records on the broker is held to 500 ms (10 s by default), so a stall of the
+/// fetching fails the test.
 #[tokio::test(flavor = "multi_thread")]
 async fn purchases_behind_a_navigation_backlog_count_all_of_their_browsing() {
     const CUSTOMERS: usize = 500;
@@ -117,7 +118,7 @@ async fn purchases_behind_a_navigation_backlog_count_all_of_their_browsing() {
         .collect();
     send_all(&p, &t.transactions, &purchases).await;
     let prefetch = ("FRAUDSTREAM__KAFKA_CONSUMER__QUEUED_MIN_MESSAGES", "1000");
-    let idle = ("FRAUDSTREAM__BATCH__MAX_TASK_IDLE_MS", "500");
+    let idle = ("FRAUDSTREAM__BATCH__MAX_FETCH_WAIT_MS", "500");
     let mut scorer = Scorer::start(&t, &[AUDIT, prefetch, idle]);
     let mut reader = Reader::new(&t.verdicts);
     assert!(
@@ -368,7 +369,7 @@ async fn state_follows_partitions_through_rebalances_and_a_kill() {
     send_all(&p, &clean.transactions, &txs).await;
     send_all(&p, &clean.navigation, &navs).await;
     // The merge waits for a lagging input instead of guessing: both runs see the same order.
-    let idle = ("FRAUDSTREAM__BATCH__MAX_TASK_IDLE_MS", "60000");
+    let idle = ("FRAUDSTREAM__BATCH__MAX_FETCH_WAIT_MS", "60000");
     let mut a = Scorer::start(&clean, &[AUDIT, idle]);
     let mut reader = Reader::new(&clean.verdicts);
     run_until(&a, &mut reader, n).await;
@@ -451,7 +452,7 @@ async fn replay_computes_the_online_features() {
     }
     let output = replay(&dir, &text, partitions);
 
-    let idle = ("FRAUDSTREAM__BATCH__MAX_TASK_IDLE_MS", "60000");
+    let idle = ("FRAUDSTREAM__BATCH__MAX_FETCH_WAIT_MS", "60000");
     let mut scorer = Scorer::start(&t, &[AUDIT, idle]);
     let mut reader = Reader::new(&t.verdicts);
     run_until(&scorer, &mut reader, n).await;

@@ -143,7 +143,7 @@ class Instance:
                    FRAUDSTREAM__PROCESSING__WORKERS=str(self.workers),
                    FRAUDSTREAM__OUTPUT__AUDIT_FEATURES="true",
                    # Both runs merge the inputs in the same (event-time) order: wait, never guess.
-                   FRAUDSTREAM__BATCH__MAX_TASK_IDLE_MS="60000",
+                   FRAUDSTREAM__BATCH__MAX_FETCH_WAIT_MS="60000",
                    FRAUDSTREAM__BATCH__MAX_RECORDS=str(self.args.batch),
                    FRAUDSTREAM__KAFKA_CONSUMER__SESSION_TIMEOUT_MS="6000",
                    FRAUDSTREAM__KAFKA_CONSUMER__HEARTBEAT_INTERVAL_MS="1000",

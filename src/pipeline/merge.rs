@@ -4,11 +4,16 @@
 //!
 //! The rule: the record with the earliest event time among the heads of the task's queues
 //! goes next (at equal times, the lower input index first, so a page view of the same
-//! millisecond counts for the purchase). While an input of the task has nothing buffered and
-//! may still deliver an earlier record (it is not caught up, [`Progress`] says), the task
-//! waits, at most `max_idle` from when it started waiting; then it goes on without that
-//! input, and the merge says so once per episode. Records that touch no state (bad ones,
-//! forwards) carry the earliest time and never wait.
+//! millisecond counts for the purchase). While another input of the task has nothing
+//! buffered, the task waits for it as Kafka Streams does (`PartitionGroup.readyToProcess`,
+//! KIP-695): for an input with records on the broker not fetched yet, or whose position is
+//! not known yet (not caught up, [`Progress`] says), until they are fetched, bounded by
+//! `max_fetch_wait` only for a broker that does not answer; for an input at its end, at
+//! most `max_idle` (Kafka Streams' `max.task.idle.ms`, 0 by default: a record still to be
+//! produced upstream is not waited for). Both count from when the task started waiting;
+//! when the wait runs out the task goes on without the input, and the merge says so once
+//! per episode. Records that touch no state (bad ones, forwards) carry the earliest time and
+//! never wait.
 //!
 //! Owns the buffered records and nothing else: no I/O; what is caught up is asked of
 //! [`Progress`], which the pipeline answers from the consumer.
@@ -22,7 +27,8 @@ pub const NAV: usize = 0;
 pub const REPARTITION: usize = 1;
 pub const TX: usize = 2;
 
-/// Whether an input partition has delivered everything it has now.
+/// Whether an input partition has delivered everything it has now: `false` while the
+/// broker holds records of it not fetched yet, or while its position is not known.
 pub trait Progress {
     fn caught_up(&mut self, input: usize, partition: i32) -> bool;
 }
@@ -45,7 +51,7 @@ struct Task<T> {
     queues: [VecDeque<Queued<T>>; INPUTS],
     /// Bytes of each queue.
     bytes: [usize; INPUTS],
-    /// Since when the task has been waiting for an input that is not caught up.
+    /// Since when the task has been waiting for an input.
     blocked_since: Option<Instant>,
     /// The wait ran out in this episode (reported once).
     gave_up: bool,
@@ -62,12 +68,21 @@ impl<T> Default for Task<T> {
     }
 }
 
+/// A task that stopped waiting for an input.
+#[derive(Debug, PartialEq)]
+pub struct GaveUp {
+    pub partition: i32,
+    pub waited: Duration,
+    /// The input waited for had records on the broker not fetched (`max_fetch_wait` ran
+    /// out), rather than being at its end (`max_idle` ran out).
+    pub behind: bool,
+}
+
 /// What [`Merge::select`] noticed, for the caller to log and count.
 #[derive(Debug, Default, PartialEq)]
 pub struct Selected {
-    /// Partitions that stopped waiting for an input this call (max idle ran out), with how
-    /// long they waited.
-    pub gave_up: Vec<(i32, Duration)>,
+    /// Tasks that stopped waiting for an input this call.
+    pub gave_up: Vec<GaveUp>,
     /// How long each selected transaction waited in the merge.
     pub tx_waits: Vec<Duration>,
 }
@@ -77,7 +92,10 @@ pub struct Merge<T> {
     tasks: BTreeMap<i32, Task<T>>,
     /// Which inputs exist (an input not read never holds a task back).
     present: [bool; INPUTS],
+    /// The wait for an input at its end.
     max_idle: Duration,
+    /// The wait for an input with records on the broker not fetched yet.
+    max_fetch_wait: Duration,
     buffered: usize,
     buffered_bytes: usize,
     /// Where the next selection starts, so that under backlog every partition is served in
@@ -86,11 +104,12 @@ pub struct Merge<T> {
 }
 
 impl<T> Merge<T> {
-    pub fn new(present: [bool; INPUTS], max_idle: Duration) -> Merge<T> {
+    pub fn new(present: [bool; INPUTS], max_idle: Duration, max_fetch_wait: Duration) -> Merge<T> {
         Merge {
             tasks: BTreeMap::new(),
             present,
             max_idle,
+            max_fetch_wait,
             buffered: 0,
             buffered_bytes: 0,
             next_start: 0,
@@ -197,27 +216,44 @@ impl<T> Merge<T> {
                 .min();
             let Some((time, i)) = head else { break };
             if time != i64::MIN {
-                let waiting = (0..INPUTS).any(|j| {
-                    j != i
-                        && self.present[j]
-                        && task.queues[j].is_empty()
-                        && !progress.caught_up(j, p)
-                });
-                if waiting {
-                    // Idle time counts from when the task started waiting, not from the
-                    // record's arrival: a record can sit long in a backlog of its own input
-                    // without any input being idle.
-                    let since = *task.blocked_since.get_or_insert(now);
-                    if now.duration_since(since) < self.max_idle {
-                        break;
+                // The longest wait any other input with nothing buffered asks for.
+                let mut wait: Option<(Duration, bool)> = None;
+                for j in (0..INPUTS).filter(|&j| j != i) {
+                    if !self.present[j] || !task.queues[j].is_empty() {
+                        continue;
                     }
-                    if !task.gave_up {
-                        task.gave_up = true;
-                        seen.gave_up.push((p, now.duration_since(since)));
+                    let asks = if progress.caught_up(j, p) {
+                        (self.max_idle, false)
+                    } else {
+                        (self.max_fetch_wait, true)
+                    };
+                    if wait.is_none_or(|w| asks.0 > w.0) {
+                        wait = Some(asks);
                     }
-                } else {
-                    task.blocked_since = None;
-                    task.gave_up = false;
+                }
+                match wait {
+                    Some((limit, behind)) if !limit.is_zero() => {
+                        // The wait counts from when the task started waiting, not from the
+                        // record's arrival: a record can sit long in a backlog of its own
+                        // input without any input being idle.
+                        let since = *task.blocked_since.get_or_insert(now);
+                        let waited = now.duration_since(since);
+                        if waited < limit {
+                            break;
+                        }
+                        if !task.gave_up {
+                            task.gave_up = true;
+                            seen.gave_up.push(GaveUp {
+                                partition: p,
+                                waited,
+                                behind,
+                            });
+                        }
+                    }
+                    _ => {
+                        task.blocked_since = None;
+                        task.gave_up = false;
+                    }
                 }
             }
             let rec = task.queues[i].pop_front().expect("head");
@@ -270,7 +306,7 @@ mod tests {
     #[test]
     fn earliest_head_first_and_navigation_before_a_purchase_of_the_same_time() {
         let now = Instant::now();
-        let mut m = Merge::new([true; INPUTS], Duration::from_secs(1));
+        let mut m = Merge::new([true; INPUTS], Duration::ZERO, FETCH_WAIT);
         m.push(q(TX, 0, 10, now));
         m.push(q(TX, 0, 30, now));
         m.push(q(NAV, 0, 5, now));
@@ -286,43 +322,125 @@ mod tests {
         assert_eq!(m.buffered_bytes(), 0);
     }
 
+    const FETCH_WAIT: Duration = Duration::from_secs(10);
+
     #[test]
-    fn waits_for_an_input_that_is_behind_then_gives_up_once() {
+    fn a_late_first_fetch_is_waited_for_and_its_earlier_record_goes_first() {
+        // The start-up race: the transactions' first fetch came back, the navigation's not
+        // yet (its position is not known, or the broker has records of it not fetched).
         let t0 = Instant::now();
-        let mut m = Merge::new([true, false, true], Duration::from_millis(50));
+        let mut m = Merge::new([true, false, true], Duration::ZERO, FETCH_WAIT);
         m.push(q(TX, 3, 100, t0));
         let mut behind = Caught(HashSet::from([TX]));
         let mut out = Vec::new();
-        let seen = m.select(&mut behind, 10, t0, &mut out);
-        assert!(
-            out.is_empty(),
-            "navigation may still bring an earlier event"
-        );
+        for late in [0, 50, 500, 5_000] {
+            let seen = m.select(&mut behind, 10, t0 + Duration::from_millis(late), &mut out);
+            assert!(
+                out.is_empty(),
+                "{late} ms: the navigation may hold an earlier event"
+            );
+            assert!(seen.gave_up.is_empty());
+        }
+        let fetched = t0 + Duration::from_millis(5_001);
+        m.push(q(NAV, 3, 99, fetched));
+        m.push(q(NAV, 3, 101, fetched));
+        let seen = m.select(&mut all(), 10, fetched, &mut out);
+        assert_eq!(items(&out), vec![(NAV, 99), (TX, 100), (NAV, 101)]);
         assert!(seen.gave_up.is_empty());
-        let later = t0 + Duration::from_millis(49);
-        m.select(&mut behind, 10, later, &mut out);
+    }
+
+    #[test]
+    fn a_broker_that_does_not_answer_is_waited_for_max_fetch_wait_then_given_up_once() {
+        let t0 = Instant::now();
+        let mut m = Merge::new([true, false, true], Duration::ZERO, FETCH_WAIT);
+        m.push(q(TX, 3, 100, t0));
+        let mut behind = Caught(HashSet::from([TX]));
+        let mut out = Vec::new();
+        m.select(&mut behind, 10, t0, &mut out);
+        m.select(
+            &mut behind,
+            10,
+            t0 + FETCH_WAIT - Duration::from_millis(1),
+            &mut out,
+        );
         assert!(out.is_empty());
-        let expired = t0 + Duration::from_millis(50);
+        let expired = t0 + FETCH_WAIT;
         let seen = m.select(&mut behind, 10, expired, &mut out);
         assert_eq!(items(&out), vec![(TX, 100)]);
-        assert_eq!(seen.gave_up, vec![(3, Duration::from_millis(50))]);
-        // Same episode: not reported again.
+        let gave_up = GaveUp {
+            partition: 3,
+            waited: FETCH_WAIT,
+            behind: true,
+        };
+        assert_eq!(seen.gave_up, vec![gave_up]);
+        // Same episode: not reported again, and the task no longer waits.
         m.push(q(TX, 3, 101, expired));
         let seen = m.select(&mut behind, 10, expired, &mut out);
         assert!(seen.gave_up.is_empty());
         assert_eq!(out.len(), 2);
+        // The input catches up and comes back: a new episode waits again.
+        m.push(q(NAV, 3, 102, expired));
+        m.select(&mut behind, 10, expired, &mut out);
+        assert_eq!(items(&out)[2..], [(NAV, 102)]);
+        m.push(q(TX, 3, 103, expired));
+        m.select(&mut behind, 10, expired, &mut out);
+        assert_eq!(out.len(), 3, "waiting for the navigation again");
+    }
+
+    #[test]
+    fn an_input_at_its_end_is_waited_for_max_idle_only() {
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        let mut m = Merge::new([true, true, true], Duration::ZERO, FETCH_WAIT);
+        m.push(q(TX, 0, 100, t0));
+        let seen = m.select(&mut all(), 10, t0, &mut out);
+        assert_eq!(
+            items(&out),
+            vec![(TX, 100)],
+            "nothing to wait for by default"
+        );
+        assert!(seen.gave_up.is_empty());
+
+        let idle = Duration::from_millis(50);
+        let mut m = Merge::new([true, true, true], idle, FETCH_WAIT);
+        let mut out = Vec::new();
+        m.push(q(TX, 0, 100, t0));
+        m.select(
+            &mut all(),
+            10,
+            t0 + idle - Duration::from_millis(1),
+            &mut out,
+        );
+        assert!(out.is_empty(), "a record may still be produced upstream");
+        let seen = m.select(&mut all(), 10, t0 + Duration::from_secs(1), &mut out);
+        assert_eq!(items(&out), vec![(TX, 100)]);
+        assert_eq!(seen.gave_up.len(), 1);
+        assert!(!seen.gave_up[0].behind);
+
+        // One input at its end, one behind: the longer wait holds.
+        let mut m = Merge::new([true, true, true], idle, FETCH_WAIT);
+        let mut out = Vec::new();
+        m.push(q(TX, 0, 100, t0));
+        let mut repartition_behind = Caught(HashSet::from([NAV, TX]));
+        m.select(
+            &mut repartition_behind,
+            10,
+            t0 + Duration::from_secs(1),
+            &mut out,
+        );
+        assert!(out.is_empty());
     }
 
     #[test]
     fn records_that_touch_no_state_never_wait_and_absent_inputs_are_not_waited_for() {
         let now = Instant::now();
-        let mut m = Merge::new([true, false, true], Duration::from_secs(60));
+        let mut m = Merge::new([true, false, true], Duration::from_secs(60), FETCH_WAIT);
         m.push(q(TX, 0, i64::MIN, now));
         let mut nothing = Caught(HashSet::new());
         let mut out = Vec::new();
         m.select(&mut nothing, 10, now, &mut out);
         assert_eq!(out.len(), 1, "a bad record goes at once");
-        let mut m = Merge::new([false, false, true], Duration::from_secs(60));
+        let mut m = Merge::new([false, false, true], Duration::from_secs(60), FETCH_WAIT);
         m.push(q(TX, 0, 7, now));
         let mut out = Vec::new();
         m.select(&mut nothing, 10, now, &mut out);
@@ -332,7 +450,7 @@ mod tests {
     #[test]
     fn partitions_are_served_in_turn_under_backlog() {
         let now = Instant::now();
-        let mut m = Merge::new([false, false, true], Duration::from_secs(1));
+        let mut m = Merge::new([false, false, true], Duration::ZERO, FETCH_WAIT);
         for p in 0..4 {
             for t in 0..100 {
                 m.push(q(TX, p, t, now));
@@ -361,7 +479,7 @@ mod tests {
             batch in 1usize..40,
         ) {
             let now = Instant::now();
-            let mut m = Merge::new([true; INPUTS], Duration::from_secs(1));
+            let mut m = Merge::new([true; INPUTS], Duration::ZERO, FETCH_WAIT);
             for &(input, p, t) in &records {
                 m.push(q(input, p, t, now));
             }

@@ -425,6 +425,7 @@ fn worker(
         merge: Merge::new(
             inputs.clone().map(|i| i.is_some()),
             Duration::from_millis(settings.batch.max_task_idle_ms),
+            Duration::from_millis(settings.batch.max_fetch_wait_ms),
         ),
         state: StateBatch::default(),
         store,
@@ -759,12 +760,21 @@ impl Core {
         for w in seen.tx_waits {
             merge_wait.record(w.as_secs_f64());
         }
-        for (p, waited) in seen.gave_up {
-            tracing::info!(
-                partition = p,
-                waited_ms = waited.as_millis() as u64,
-                "An input of this partition is behind and idle; processing without it (batch.max-task-idle-ms)."
-            );
+        for g in seen.gave_up {
+            let waited_ms = g.waited.as_millis() as u64;
+            if g.behind {
+                tracing::warn!(
+                    partition = g.partition,
+                    waited_ms,
+                    "An input of this partition has records on the broker that were not fetched in time; processing without them, they will count late (batch.max-fetch-wait-ms)."
+                );
+            } else {
+                tracing::info!(
+                    partition = g.partition,
+                    waited_ms,
+                    "An input of this partition brought nothing new in time; processing without it (batch.max-task-idle-ms)."
+                );
+            }
         }
     }
 
@@ -1096,7 +1106,7 @@ struct ConsumerProgress<'a> {
 
 impl Progress for ConsumerProgress<'_> {
     /// The consumer's position (which steps over transaction markers, never delivered)
-    /// has reached the partition's end. The end is librdkafka's high watermark from its
+    /// has reached the partition's end; not while the position is unknown. The end is librdkafka's high watermark from its
     /// last fetch response; failing that (before the first fetch, or while a transaction
     /// upstream is open, when the high watermark is past what `read_committed` may read),
     /// the last stable offset asked of the broker (by a client of its own), at most every

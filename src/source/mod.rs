@@ -85,10 +85,10 @@ const PREFETCH: [(&str, usize, usize); 2] = [
 /// when it is, it waits for the fetch in flight, which may be held at the broker for half a
 /// second (`fetch.wait.max.ms`) when it asks only for partitions that are caught up. The
 /// loop empties a queue in tens of milliseconds, so it sat idle for the records of a
-/// backlog, and the event-time merge gave up waiting (after `batch.max-task-idle-ms`) for an
-/// input whose records were on the broker: under a backlog with navigation, purchases were
-/// scored before their browsing (tests/stateful.rs, bench/RESULTS.md). Both waits are kept
-/// well under the merge's 50 ms; librdkafka's documentation asks for the lower backoff when
+/// backlog, and the event-time merge, which waits for an input whose records are on the
+/// broker, held the task's other inputs meanwhile (when it waited at most 50 ms, purchases
+/// were scored before their browsing: tests/stateful.rs, bench/RESULTS.md). Both waits are
+/// kept to tens of milliseconds; librdkafka's documentation asks for the lower backoff when
 /// the queue limits are low. The cost is an empty fetch every 20 ms per worker when idle.
 const FETCH_PACE: [(&str, &str); 2] = [
     ("fetch.queue.backoff.ms", "10"),
