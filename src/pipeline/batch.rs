@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 
-use super::intake::{Event, Record, KIND_HEADER};
+use super::intake::{Event, Record};
 use super::merge::Queued;
 use super::score::Scoring;
 use crate::config::{Guarantee, Settings, VerdictFormat};
@@ -33,6 +33,10 @@ pub mod headers {
     pub const SOURCE_TOPIC: &str = "fraudstream.source.topic";
     pub const SOURCE_PARTITION: &str = "fraudstream.source.partition";
     pub const SOURCE_OFFSET: &str = "fraudstream.source.offset";
+    /// On a forwarded record: `<kind> <partition> <offset>`, what it is (`transaction` or
+    /// `navigation`) and where it was read. One header, not three: each header is an
+    /// allocation to build, copy and free on both sides of the hop.
+    pub const FORWARD: &str = "fraudstream.forward";
     /// On a dead letter whose payload was cut to fit: the payload's original length.
     pub const PAYLOAD_TRUNCATED: &str = "fraudstream.payload.truncated";
     /// On a dead letter whose key was cut to fit: the key's original length.
@@ -576,29 +580,21 @@ fn audit_set(features: &FeatureSet) -> anyhow::Result<FeatureSet> {
 
 /// A record re-keyed by its customer, to the repartition topic's partition for it, with the
 /// original value, headers (a trace context among them; not the sender's `fraudstream.*`
-/// ones) and timestamp, and headers of its own saying what it is and where it was read.
+/// ones) and timestamp, and a header of its own saying what it is and where it was read
+/// ([`headers::FORWARD`]).
 fn forward(m: &OwnedMessage, kind: &str, customer: &str, partition: i32) -> OutRecord {
     use rdkafka::message::Headers;
     let original = m.headers();
-    let mut headers = OwnedHeaders::new_with_capacity(3 + original.map_or(0, |h| h.count()));
+    let mut headers = OwnedHeaders::new_with_capacity(1 + original.map_or(0, |h| h.count()));
     for h in original.iter().flat_map(|h| h.iter()) {
         if !h.key.starts_with("fraudstream.") {
             headers = headers.insert(h);
         }
     }
-    let headers = headers
-        .insert(Header {
-            key: KIND_HEADER,
-            value: Some(kind),
-        })
-        .insert(Header {
-            key: headers::SOURCE_PARTITION,
-            value: Some(&m.partition().to_string()),
-        })
-        .insert(Header {
-            key: headers::SOURCE_OFFSET,
-            value: Some(&m.offset().to_string()),
-        });
+    let headers = headers.insert(Header {
+        key: headers::FORWARD,
+        value: Some(&format!("{kind} {} {}", m.partition(), m.offset())),
+    });
     OutRecord {
         topic: Topic::Repartition,
         partition: Some(partition),
@@ -753,6 +749,50 @@ mod tests {
 
     fn error() -> DecodeError {
         DecodeError::new(ErrorKind::Oversized, "x".repeat(5000))
+    }
+
+    #[test]
+    fn a_forward_says_what_it_is_and_where_it_was_read_and_keeps_the_senders_headers() {
+        let sent = OwnedHeaders::new()
+            .insert(Header {
+                key: "h0",
+                value: Some("vvvvvvv"),
+            })
+            .insert(Header {
+                key: "fraudstream.sender",
+                value: Some("dropped"),
+            });
+        let m = OwnedMessage::new(
+            Some(b"{}".to_vec()),
+            None,
+            "navigation".into(),
+            Timestamp::CreateTime(1),
+            3,
+            42,
+            Some(sent),
+        );
+        let r = forward(&m, "navigation", "c1", 1);
+        assert_eq!(r.partition, Some(1));
+        assert_eq!(r.key.as_deref(), Some(&b"c1"[..]));
+        assert_eq!(header(&r, "h0").as_deref(), Some("vvvvvvv"));
+        assert_eq!(header(&r, "fraudstream.sender"), None);
+        assert_eq!(
+            header(&r, headers::FORWARD).as_deref(),
+            Some("navigation 3 42")
+        );
+        let read = OwnedMessage::new(
+            r.payload,
+            r.key,
+            "repartition".into(),
+            Timestamp::CreateTime(r.timestamp.unwrap()),
+            1,
+            7,
+            r.headers,
+        );
+        let (input, source) = super::super::intake::forwarded(&read);
+        assert_eq!(input, super::super::merge::NAV);
+        let (source, offset) = source.expect("source");
+        assert_eq!((source.partition, offset), (3, 42));
     }
 
     #[test]

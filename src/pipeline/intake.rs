@@ -21,16 +21,13 @@ use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedMessage};
 
-use super::batch::headers::{SOURCE_OFFSET, SOURCE_PARTITION};
+use super::batch::headers::FORWARD;
 use super::merge::{Queued, NAV, REPARTITION, TX};
 use super::rebalance::{GroupConsumer, GroupContext};
 use crate::decode::{DecodeError, Decoder, NavigationEvent, Transaction};
 use crate::source::partitioner::partition_for;
 use crate::source::QueueLength;
 use crate::state::SourcePartition;
-
-/// Header of a repartitioned record: `transaction` or `navigation`.
-pub const KIND_HEADER: &str = "fraudstream.kind";
 
 /// What a consumed message is, once decoded and routed.
 pub enum Event {
@@ -126,18 +123,20 @@ pub fn accept(
 }
 
 /// What a record read from the repartition topic is (its input, [`TX`] or [`NAV`]), and
-/// where it was read before it was forwarded, from its headers.
-fn forwarded(msg: &OwnedMessage) -> (usize, Option<(SourcePartition, i64)>) {
-    let (mut input, mut partition, mut offset) = (TX, None, None);
-    for h in msg.headers().iter().flat_map(|h| h.iter()) {
-        let number = || std::str::from_utf8(h.value?).ok()?.parse::<i64>().ok();
-        match h.key {
-            KIND_HEADER if h.value == Some(b"navigation") => input = NAV,
-            SOURCE_PARTITION => partition = number().and_then(|p| i32::try_from(p).ok()),
-            SOURCE_OFFSET => offset = number(),
-            _ => {}
-        }
-    }
+/// where it was read before it was forwarded, from its [`FORWARD`] header.
+pub(super) fn forwarded(msg: &OwnedMessage) -> (usize, Option<(SourcePartition, i64)>) {
+    let value = msg
+        .headers()
+        .and_then(|h| h.iter().find(|h| h.key == FORWARD))
+        .and_then(|h| std::str::from_utf8(h.value?).ok());
+    let mut fields = value.unwrap_or_default().split(' ');
+    let input = if fields.next() == Some("navigation") {
+        NAV
+    } else {
+        TX
+    };
+    let partition = fields.next().and_then(|p| p.parse::<i32>().ok());
+    let offset = fields.next().and_then(|o| o.parse::<i64>().ok());
     let source = partition.zip(offset).map(|(partition, offset)| {
         let source = SourcePartition {
             input: input as u8,
