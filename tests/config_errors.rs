@@ -8,7 +8,12 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fraudstream"));
     cmd.current_dir(repo())
         .args(args)
-        .env("FRAUDSTREAM__STATE__HMAC_SECRET", HMAC_SECRET);
+        .env("FRAUDSTREAM__STATE__HMAC_SECRET", HMAC_SECRET)
+        // Not the default `fraudstream-state` in the checkout.
+        .env(
+            "FRAUDSTREAM__STATE__PATH",
+            std::env::temp_dir().join(unique("state")),
+        );
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -15,7 +15,12 @@ fn validate(env: &[(&str, &str)]) -> (bool, String) {
             "5",
         ])
         .env("FRAUDSTREAM__BROKERS", brokers())
-        .env("FRAUDSTREAM__STATE__HMAC_SECRET", HMAC_SECRET);
+        .env("FRAUDSTREAM__STATE__HMAC_SECRET", HMAC_SECRET)
+        // Not the default `fraudstream-state` in the checkout.
+        .env(
+            "FRAUDSTREAM__STATE__PATH",
+            std::env::temp_dir().join(unique("state")),
+        );
     for (k, v) in env {
         cmd.env(k, v);
     }
