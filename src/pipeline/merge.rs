@@ -216,9 +216,15 @@ impl<T> Merge<T> {
                 .min();
             let Some((time, i)) = head else { break };
             if time != i64::MIN {
-                // The longest wait any other input with nothing buffered asks for.
+                // The longest wait any other input with nothing buffered asks for. Once an
+                // input asks for the longest there is, the others are not asked (asking may
+                // be a request to the broker).
+                let longest = self.max_idle.max(self.max_fetch_wait);
                 let mut wait: Option<(Duration, bool)> = None;
                 for j in (0..INPUTS).filter(|&j| j != i) {
+                    if wait.is_some_and(|w| w.0 >= longest) {
+                        break;
+                    }
                     if !self.present[j] || !task.queues[j].is_empty() {
                         continue;
                     }

@@ -1106,11 +1106,11 @@ struct ConsumerProgress<'a> {
 
 impl Progress for ConsumerProgress<'_> {
     /// The consumer's position (which steps over transaction markers, never delivered)
-    /// has reached the partition's end; not while the position is unknown. The end is librdkafka's high watermark from its
-    /// last fetch response; failing that (before the first fetch, or while a transaction
-    /// upstream is open, when the high watermark is past what `read_committed` may read),
-    /// the last stable offset asked of the broker (by a client of its own), at most every
-    /// [`WATERMARK_TTL`].
+    /// has reached the partition's end; not while the position is unknown. The end is
+    /// librdkafka's high watermark from its last fetch response; failing that (before the
+    /// first fetch, or while a transaction upstream is open, when the high watermark is past
+    /// what `read_committed` may read), the last stable offset asked of the broker (by a
+    /// client of its own), at most every [`WATERMARK_TTL`].
     fn caught_up(&mut self, input: usize, p: i32) -> bool {
         let Some(topic) = &self.inputs[input] else {
             return true;
