@@ -147,6 +147,9 @@ pub struct Committer {
     held: Vec<OutRecord>,
     /// Woken when it is done.
     wake: Arc<Wake>,
+    /// The batch state of the last commit, emptied with its tables' room kept: the next
+    /// batches fill it instead of growing new tables from nothing.
+    spare: StateBatch,
 }
 
 /// A commit on its thread, and what it commits.
@@ -208,6 +211,7 @@ impl Committer {
             in_flight: None,
             held: Vec::new(),
             wake,
+            spare: StateBatch::default(),
         })
     }
 
@@ -341,7 +345,7 @@ impl Committer {
         };
         self.open = false;
         self.commits += 1;
-        let state = Arc::new(std::mem::take(state));
+        let state = Arc::new(std::mem::replace(state, std::mem::take(&mut self.spare)));
         let offsets = std::mem::take(&mut self.offsets);
         let done = Arc::new(AtomicBool::new(false));
         let group = consumer.group_metadata();
@@ -409,14 +413,17 @@ impl Committer {
         });
         self.in_tx = done.in_tx;
         let mut state = Arc::into_inner(f.state).expect("the commit thread has ended");
-        self.completed(
+        let completed = self.completed(
             done.result,
             &mut state,
             f.offsets,
             f.decisions,
             f.started,
             store,
-        )
+        );
+        state.clear();
+        self.spare = state;
+        completed
     }
 
     /// Commits what was processed so far with `state`'s changelog records and waits for it,

@@ -142,7 +142,9 @@ impl<V: Clone> Recent<V> {
 
     fn put(&mut self, key: Key, value: V) {
         if self.young.len() >= self.capacity / 2 && !self.young.contains_key(&key) {
-            self.old = std::mem::take(&mut self.young);
+            // The old generation goes; its table's room serves the new young one.
+            std::mem::swap(&mut self.young, &mut self.old);
+            self.young.clear();
         }
         self.old.remove(&key);
         self.young.insert(key, value);
@@ -377,48 +379,50 @@ impl StateBatch {
     /// The batch as changelog records: (partition, key, value; `None` is a tombstone). The
     /// key is a tag (the entity kind's, or `t` for the stream time) and the state key (or
     /// the partition).
-    pub fn changelog_records(&self) -> Vec<(i32, Vec<u8>, Option<Vec<u8>>)> {
-        let mut out = Vec::with_capacity(
-            self.customers.len() + self.merchants.len() + self.sessions.len() + self.expired.len(),
-        );
-        fn entity(
-            kind: EntityKind,
-            k: &Key,
-            value: Option<Vec<u8>>,
-        ) -> (i32, Vec<u8>, Option<Vec<u8>>) {
+    pub fn changelog_records(&self) -> impl Iterator<Item = ChangelogRecord> + '_ {
+        fn entity(kind: EntityKind, k: &Key, value: Option<Vec<u8>>) -> ChangelogRecord {
             let mut key = Vec::with_capacity(21);
             key.push(kind.tag());
             key.extend_from_slice(k);
             (keys::partition_of(k), key, value)
         }
-        for (k, v) in &self.customers {
-            let mut b = Vec::with_capacity(256);
-            v.encode(&mut b);
-            out.push(entity(EntityKind::Customer, k, Some(b)));
+        fn encoded(capacity: usize, encode: impl FnOnce(&mut Vec<u8>)) -> Option<Vec<u8>> {
+            let mut b = Vec::with_capacity(capacity);
+            encode(&mut b);
+            Some(b)
         }
-        for (k, v) in &self.merchants {
-            let mut b = Vec::with_capacity(64);
-            v.encode(&mut b);
-            out.push(entity(EntityKind::Merchant, k, Some(b)));
-        }
-        for (k, v) in &self.sessions {
-            let mut b = Vec::with_capacity(64);
-            v.encode(&mut b);
-            out.push(entity(EntityKind::Session, k, Some(b)));
-        }
-        for (kind, k) in &self.expired {
-            out.push(entity(*kind, k, None));
-        }
-        for (&p, &t) in &self.stream_time {
-            out.push((p, stream_time_key(p), Some(t.to_le_bytes().to_vec())));
-        }
-        for (&(task, source), &offset) in &self.forward_marks {
+        let customers = self
+            .customers
+            .iter()
+            .map(|(k, v)| entity(EntityKind::Customer, k, encoded(256, |b| v.encode(b))));
+        let merchants = self
+            .merchants
+            .iter()
+            .map(|(k, v)| entity(EntityKind::Merchant, k, encoded(64, |b| v.encode(b))));
+        let sessions = self
+            .sessions
+            .iter()
+            .map(|(k, v)| entity(EntityKind::Session, k, encoded(64, |b| v.encode(b))));
+        let expired = self.expired.iter().map(|(kind, k)| entity(*kind, k, None));
+        let stream_time = self
+            .stream_time
+            .iter()
+            .map(|(&p, &t)| (p, stream_time_key(p), Some(t.to_le_bytes().to_vec())));
+        let forward_marks = self.forward_marks.iter().map(|(&(task, source), &offset)| {
             let value = offset.to_le_bytes().to_vec();
-            out.push((task, forward_mark_key(source), Some(value)));
-        }
-        out
+            (task, forward_mark_key(source), Some(value))
+        });
+        customers
+            .chain(merchants)
+            .chain(sessions)
+            .chain(expired)
+            .chain(stream_time)
+            .chain(forward_marks)
     }
 }
+
+/// (partition, key, value; `None` is a tombstone): see [`StateBatch::changelog_records`].
+pub type ChangelogRecord = (i32, Vec<u8>, Option<Vec<u8>>);
 
 fn stream_time_key(partition: i32) -> Vec<u8> {
     let mut key = vec![STREAM_TIME_TAG];
@@ -1045,7 +1049,7 @@ mod tests {
             batch.customers.insert(k, c);
         }
         batch.advance(1, 9_000_000, None);
-        let committed = batch.changelog_records();
+        let committed: Vec<_> = batch.changelog_records().collect();
         let source = Store::open(&a, DEFAULT_CACHE_BYTES).unwrap();
         source.commit(&mut batch, &BTreeMap::new(), 0).unwrap();
         assert_eq!(
@@ -1067,12 +1071,7 @@ mod tests {
             expired: vec![(EntityKind::Customer, old)],
             ..Default::default()
         };
-        records.extend(
-            expired
-                .changelog_records()
-                .into_iter()
-                .map(|(_, k, v)| (k, v)),
-        );
+        records.extend(expired.changelog_records().map(|(_, k, v)| (k, v)));
         let copy = Store::open(&b, DEFAULT_CACHE_BYTES).unwrap();
         copy.restore(1, &records, 17, 5).unwrap();
         assert_eq!(copy.checkpoint(1).unwrap().map(|c| c.next), Some(17));
@@ -1121,7 +1120,7 @@ mod tests {
             batch.first_forward(2, tx0, 3, &store).unwrap(),
             "another task"
         );
-        let records = batch.changelog_records();
+        let records: Vec<_> = batch.changelog_records().collect();
         store.commit(&mut batch, &BTreeMap::new(), 0).unwrap();
         assert_eq!(store.forward_mark(1, tx0).unwrap(), Some(12));
 
