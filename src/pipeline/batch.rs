@@ -33,9 +33,8 @@ pub mod headers {
     pub const SOURCE_TOPIC: &str = "fraudstream.source.topic";
     pub const SOURCE_PARTITION: &str = "fraudstream.source.partition";
     pub const SOURCE_OFFSET: &str = "fraudstream.source.offset";
-    /// On a forwarded record: `<kind> <partition> <offset>`, what it is (`transaction` or
-    /// `navigation`) and where it was read. One header, not three: each header is an
-    /// allocation to build, copy and free on both sides of the hop.
+    /// On the dead letter of a forwarded record: its forward's frame line, `<kind>
+    /// <partition> <offset>`, what it is and where it was first read ([`super::intake::frame`]).
     pub const FORWARD: &str = "fraudstream.forward";
     /// On a dead letter whose payload was cut to fit: the payload's original length.
     pub const PAYLOAD_TRUNCATED: &str = "fraudstream.payload.truncated";
@@ -225,8 +224,12 @@ impl Processor {
             }
             if let Some(e) = self.too_far_ahead(p, q.time, state, stream_time) {
                 dead[e.kind as usize] += 1;
-                out.dead_letters
-                    .push(dead_letter(&rec.msg, &e, self.dead_letter_max_bytes));
+                out.dead_letters.push(dead_letter(
+                    &rec.msg,
+                    rec.frame,
+                    &e,
+                    self.dead_letter_max_bytes,
+                ));
                 continue;
             }
             match &rec.event {
@@ -241,6 +244,7 @@ impl Processor {
                         dead[e.kind as usize] += 1;
                         out.dead_letters.push(dead_letter(
                             &rec.msg,
+                            rec.frame,
                             &e,
                             self.dead_letter_max_bytes,
                         ));
@@ -252,8 +256,12 @@ impl Processor {
                 }
                 Event::Bad(e) => {
                     dead[e.kind as usize] += 1;
-                    out.dead_letters
-                        .push(dead_letter(&rec.msg, e, self.dead_letter_max_bytes));
+                    out.dead_letters.push(dead_letter(
+                        &rec.msg,
+                        rec.frame,
+                        e,
+                        self.dead_letter_max_bytes,
+                    ));
                 }
                 Event::Forward {
                     kind,
@@ -578,46 +586,47 @@ fn audit_set(features: &FeatureSet) -> anyhow::Result<FeatureSet> {
     Ok(FeatureSet::resolve(&names)?)
 }
 
-/// A record re-keyed by its customer, to the repartition topic's partition for it, with the
-/// original value, headers (a trace context among them; not the sender's `fraudstream.*`
-/// ones) and timestamp, and a header of its own saying what it is and where it was read
-/// ([`headers::FORWARD`]).
+/// A record re-keyed by its customer, to the repartition topic's partition for it, with its
+/// timestamp, its headers (a trace context among them; not the sender's `fraudstream.*` ones)
+/// and its value framed by what it is and where it was read ([`super::intake::frame`]).
 fn forward(m: &OwnedMessage, kind: &str, customer: &str, partition: i32) -> OutRecord {
     use rdkafka::message::Headers;
-    let original = m.headers();
-    let mut headers = OwnedHeaders::new_with_capacity(1 + original.map_or(0, |h| h.count()));
-    for h in original.iter().flat_map(|h| h.iter()) {
-        if !h.key.starts_with("fraudstream.") {
-            headers = headers.insert(h);
-        }
-    }
-    let headers = headers.insert(Header {
-        key: headers::FORWARD,
-        value: Some(&format!("{kind} {} {}", m.partition(), m.offset())),
-    });
+    let original = m.headers().into_iter().flat_map(|h| h.iter());
+    let mut kept = original
+        .filter(|h| !h.key.starts_with("fraudstream."))
+        .peekable();
+    let headers = kept
+        .peek()
+        .is_some()
+        .then(|| kept.fold(OwnedHeaders::new(), |headers, h| headers.insert(h)));
+    let value = m.payload().unwrap_or_default();
     OutRecord {
         topic: Topic::Repartition,
         partition: Some(partition),
         key: Some(customer.as_bytes().to_vec()),
-        payload: m.payload().map(<[u8]>::to_vec),
-        headers: Some(headers),
+        payload: Some(super::intake::frame(kind, m.partition(), m.offset(), value)),
+        headers,
         timestamp: m.timestamp().to_millis(),
     }
 }
 
 /// The original key, bytes, timestamp and headers, unchanged, with headers of its own saying
 /// what was wrong and where the message came from (as Kafka Connect's dead-letter queue does).
+/// A forwarded record's (`frame` > 0) is its original value, its frame line in a header
+/// ([`headers::FORWARD`]).
 ///
 /// A dead letter never exceeds `max_bytes` (key, value and headers, as the producer counts
 /// them), whatever the sender put in: the payload is cut first, then the original headers
 /// are dropped, then the key is cut, each with a header holding the original length or
 /// count. Its own headers (what was wrong, the source topic, partition and offset) always
 /// fit, so the original can be read again from its source.
-fn dead_letter(m: &OwnedMessage, e: &DecodeError, max_bytes: usize) -> OutRecord {
+fn dead_letter(m: &OwnedMessage, frame: usize, e: &DecodeError, max_bytes: usize) -> OutRecord {
     use rdkafka::message::Headers;
     let partition = m.partition().to_string();
     let offset = m.offset().to_string();
-    let ours = [
+    let (framing, value) = m.payload().unwrap_or_default().split_at(frame);
+    let framing = String::from_utf8_lossy(framing);
+    let mut ours = vec![
         (headers::ERROR_KIND, e.kind.as_str()),
         (
             headers::ERROR_MESSAGE,
@@ -627,6 +636,9 @@ fn dead_letter(m: &OwnedMessage, e: &DecodeError, max_bytes: usize) -> OutRecord
         (headers::SOURCE_PARTITION, partition.as_str()),
         (headers::SOURCE_OFFSET, offset.as_str()),
     ];
+    if frame > 0 {
+        ours.push((headers::FORWARD, framing.trim_end()));
+    }
     let size = |k: &str, v: &[u8]| k.len() + v.len();
     // Room for the sender's bytes once ours and three truncation headers (names and values of
     // at most 20 digits) are counted.
@@ -661,7 +673,7 @@ fn dead_letter(m: &OwnedMessage, e: &DecodeError, max_bytes: usize) -> OutRecord
     } else {
         notes.push((headers::HEADERS_DROPPED, original.len().to_string()));
     }
-    let mut payload = m.payload().map(<[u8]>::to_vec);
+    let mut payload = m.payload().map(|_| value.to_vec());
     if let Some(p) = payload.as_mut().filter(|p| p.len() > room) {
         notes.push((headers::PAYLOAD_TRUNCATED, p.len().to_string()));
         p.truncate(room);
@@ -763,7 +775,7 @@ mod tests {
                 value: Some("dropped"),
             });
         let m = OwnedMessage::new(
-            Some(b"{}".to_vec()),
+            Some(b"{\"a\":1}".to_vec()),
             None,
             "navigation".into(),
             Timestamp::CreateTime(1),
@@ -777,8 +789,8 @@ mod tests {
         assert_eq!(header(&r, "h0").as_deref(), Some("vvvvvvv"));
         assert_eq!(header(&r, "fraudstream.sender"), None);
         assert_eq!(
-            header(&r, headers::FORWARD).as_deref(),
-            Some("navigation 3 42")
+            r.payload.as_deref(),
+            Some(&b"navigation 3 42\n{\"a\":1}"[..])
         );
         let read = OwnedMessage::new(
             r.payload,
@@ -789,15 +801,56 @@ mod tests {
             7,
             r.headers,
         );
-        let (input, source) = super::super::intake::forwarded(&read);
+        let (input, source, frame) = super::super::intake::unframe(read.payload());
         assert_eq!(input, super::super::merge::NAV);
         let (source, offset) = source.expect("source");
         assert_eq!((source.partition, offset), (3, 42));
+        assert_eq!(&read.payload().unwrap()[frame..], b"{\"a\":1}");
+
+        // Its dead letter is the original value, the frame in a header.
+        let r = dead_letter(&read, frame, &error(), 8192);
+        assert_eq!(r.payload.as_deref(), Some(&b"{\"a\":1}"[..]));
+        assert_eq!(
+            header(&r, headers::FORWARD).as_deref(),
+            Some("navigation 3 42")
+        );
+        assert_eq!(header(&r, "h0").as_deref(), Some("vvvvvvv"));
+    }
+
+    #[test]
+    fn a_forward_without_the_senders_headers_has_none_and_an_unframed_value_is_a_transaction() {
+        let m = OwnedMessage::new(
+            Some(b"{}".to_vec()),
+            None,
+            "transactions".into(),
+            Timestamp::CreateTime(1),
+            0,
+            9,
+            None,
+        );
+        let r = forward(&m, "transaction", "c1", 2);
+        assert!(r.headers.is_none(), "no header to build, copy and free");
+        let (input, source, frame) = super::super::intake::unframe(r.payload.as_deref());
+        assert_eq!(input, super::super::merge::TX);
+        assert_eq!(source.map(|(s, o)| (s.partition, o)), Some((0, 9)));
+        assert_eq!(&r.payload.as_deref().unwrap()[frame..], b"{}");
+        for unframed in [
+            &b"{\"customer_id\":\"c\"}"[..],
+            b"transaction 1\n{}",
+            b"x 1 2\n",
+        ] {
+            assert_eq!(
+                super::super::intake::unframe(Some(unframed)),
+                (super::super::merge::TX, None, 0),
+                "{}",
+                String::from_utf8_lossy(unframed)
+            );
+        }
     }
 
     #[test]
     fn a_dead_letter_that_fits_is_the_original_with_its_reason_and_source() {
-        let r = dead_letter(&message(8, 500, &[10, 20]), &error(), 4096);
+        let r = dead_letter(&message(8, 500, &[10, 20]), 0, &error(), 4096);
         assert_eq!(r.payload.as_deref(), Some(&[b'p'; 500][..]));
         assert_eq!(r.key.as_deref(), Some(&[b'k'; 8][..]));
         assert_eq!(header(&r, "h1").as_deref(), Some(&"v".repeat(20)[..]));
@@ -813,7 +866,7 @@ mod tests {
 
     #[test]
     fn a_large_payload_is_cut_to_fit_and_says_so() {
-        let r = dead_letter(&message(8, 1_000_000, &[10]), &error(), 100_000);
+        let r = dead_letter(&message(8, 1_000_000, &[10]), 0, &error(), 100_000);
         assert!(size(&r) <= 100_000, "{} bytes", size(&r));
         assert!(r.payload.as_ref().unwrap().len() > 90_000);
         assert_eq!(
@@ -827,7 +880,7 @@ mod tests {
     fn huge_headers_and_keys_are_dropped_or_cut_and_the_source_always_fits() {
         for (key, headers_each) in [(10, 300_000), (2_000_000, 10), (2_000_000, 300_000)] {
             let m = message(key, 50_000, &[headers_each, headers_each]);
-            let r = dead_letter(&m, &error(), 8192);
+            let r = dead_letter(&m, 0, &error(), 8192);
             assert!(size(&r) <= 8192, "{} bytes", size(&r));
             assert_eq!(header(&r, headers::SOURCE_OFFSET).as_deref(), Some("42"));
             assert_eq!(
