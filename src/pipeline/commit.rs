@@ -41,10 +41,10 @@ use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::batch::Output;
-use super::intake::Wake;
 use crate::config::{Guarantee, Settings};
 use crate::decision::Decision;
 use crate::sink::{OutRecord, Sink, Topic};
+use crate::source::Wake;
 use crate::state::{EntityKind, Key, StateBatch, Store};
 use crate::telemetry;
 

@@ -14,7 +14,7 @@
 //! was fetched, so a partition behind another's backlog would wait for that backlog.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::base_consumer::PartitionQueue;
@@ -25,7 +25,7 @@ use super::merge::{Queued, NAV, REPARTITION, TX};
 use super::rebalance::{GroupConsumer, GroupContext};
 use crate::decode::{DecodeError, Decoder, NavigationEvent, Transaction};
 use crate::source::partitioner::partition_for;
-use crate::source::QueueLength;
+use crate::source::{QueueLength, Wake};
 use crate::state::SourcePartition;
 
 /// What a consumed message is, once decoded and routed.
@@ -183,43 +183,6 @@ fn held_bytes(msg: &OwnedMessage) -> usize {
         + headers
         + std::mem::size_of::<Record>()
         + std::mem::size_of::<Transaction>()
-}
-
-/// Wakes the loop when one of the consumer's queues (its own, or a partition's) turns
-/// non-empty: their callbacks run on librdkafka's threads.
-#[derive(Default)]
-pub struct Wake {
-    woken: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Wake {
-    pub fn notify(&self) {
-        *self.woken.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.cv.notify_one();
-    }
-
-    /// Forgets earlier wake-ups: called before looking into the queues, so that whatever
-    /// arrives after the look wakes the next wait.
-    pub fn clear(&self) {
-        *self.woken.lock().unwrap_or_else(|e| e.into_inner()) = false;
-    }
-
-    /// Waits until woken since the last [`Wake::clear`], or until `until`.
-    pub fn wait_until(&self, until: Instant) {
-        let mut woken = self.woken.lock().unwrap_or_else(|e| e.into_inner());
-        while !*woken {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return;
-            }
-            woken = self
-                .cv
-                .wait_timeout(woken, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
 }
 
 /// The assigned input partitions' own queues, read in turn.

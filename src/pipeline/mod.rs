@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::batch::{model_info, Output, Processor};
 use self::commit::{CommitError, Committer};
-use self::intake::{Queues, Record, Wake};
+use self::intake::{Queues, Record};
 use self::merge::{Merge, Progress, Queued, INPUTS, NAV, REPARTITION, TX};
 use self::rebalance::{GroupConsumer, GroupContext, Restorer};
 use self::score::Scoring;
@@ -50,7 +50,7 @@ use crate::model::reload::{self, ReloadHandle, Role};
 use crate::model::runner::Runner;
 use crate::model::{self, Model};
 use crate::source::global::GlobalReader;
-use crate::source::{self};
+use crate::source::{self, Wake};
 use crate::state::store::{ENTITY_TTL_MS, EXPIRY_GRACE_MS};
 use crate::state::{Hasher, StateBatch, Store};
 use crate::telemetry::{self, Readiness, WorkerReadiness};

@@ -21,6 +21,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::ClientContext;
 
 use crate::config::Settings;
+use crate::source::{QueueLength, Wake};
 
 /// One message to produce.
 #[derive(Debug, Clone)]
@@ -134,6 +135,10 @@ impl ProducerContext for SinkContext {
 }
 
 pub struct Sink {
+    /// The producer's queue of delivery reports, which wakes `reports_in` when it turns
+    /// non-empty. Declared before `producer`: dropped first.
+    reports: QueueLength,
+    reports_in: Arc<Wake>,
     producer: BaseProducer<SinkContext>,
     deliveries: Arc<Mutex<Deliveries>>,
     pending: Arc<[AtomicU64; 2]>,
@@ -187,14 +192,19 @@ impl Sink {
         let deliveries = Arc::new(Mutex::new(Deliveries::default()));
         let pending = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
         let changelog = settings.changelog_topic();
-        let producer = config
+        let producer: BaseProducer<SinkContext> = config
             .create_with_context(SinkContext {
                 changelog: changelog.clone(),
                 deliveries: deliveries.clone(),
                 pending: pending.clone(),
             })
             .map_err(|e| anyhow::anyhow!("cannot create the Kafka producer: {e}"))?;
+        let reports_in = Arc::new(Wake::default());
+        let reports = QueueLength::main(producer.client(), reports_in.clone())
+            .ok_or_else(|| anyhow::anyhow!("the Kafka producer has no main queue"))?;
         Ok(Sink {
+            reports,
+            reports_in,
             producer,
             deliveries,
             pending,
@@ -280,18 +290,33 @@ impl Sink {
             .map(|(topic, e)| explain_permanent(topic, e))
     }
 
-    /// Waits until everything sent is acknowledged (or failed), serving delivery reports in
-    /// slices of a millisecond. (rdkafka's own flush waits in slices of 100 ms once a report
-    /// is not in yet: 100 ms added to nearly every commit.)
+    /// Waits until everything sent is acknowledged (or failed), serving delivery reports.
+    /// (rdkafka's own flush waits in slices of 100 ms once a report is not in yet: 100 ms
+    /// added to nearly every commit.)
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.serve_until(|| self.producer.in_flight_count() == 0, timeout)
+    }
+
+    /// Serves delivery reports as they come in until `done`, asleep in between (rdkafka's
+    /// `poll` with a timeout spins through its last millisecond: its waits are whole
+    /// milliseconds). Either thread may call it, one at a time (librdkafka's polls are
+    /// thread-safe; one thread waits).
+    fn serve_until(&self, done: impl Fn() -> bool, timeout: Duration) -> Result<(), KafkaError> {
         let deadline = Instant::now() + timeout;
-        while self.producer.in_flight_count() > 0 {
+        loop {
+            // Whatever arrives after the queue is seen empty wakes the wait below.
+            self.reports_in.clear();
+            while self.reports.get() > 0 && !done() {
+                self.producer.poll(Duration::ZERO);
+            }
+            if done() {
+                return Ok(());
+            }
             if Instant::now() >= deadline {
                 return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
             }
-            self.producer.poll(Duration::from_millis(1));
+            self.reports_in.wait_until(deadline);
         }
-        Ok(())
     }
 
     /// Ends the generation of the records sent so far (returned) and starts the other: a
@@ -303,21 +328,17 @@ impl Sink {
     }
 
     /// Waits until every record of `generation` is acknowledged (or failed), serving
-    /// delivery reports in slices of a millisecond (this may run beside the thread that
-    /// sends: librdkafka's polls are thread-safe).
+    /// delivery reports (this may run beside the thread that sends: librdkafka's polls are
+    /// thread-safe).
     pub fn wait_acknowledged(
         &self,
         generation: usize,
         timeout: Duration,
     ) -> Result<(), KafkaError> {
-        let deadline = Instant::now() + timeout;
-        while self.pending[generation].load(Ordering::Acquire) > 0 {
-            if Instant::now() >= deadline {
-                return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
-            }
-            self.producer.poll(Duration::from_millis(1));
-        }
-        Ok(())
+        self.serve_until(
+            || self.pending[generation].load(Ordering::Acquire) == 0,
+            timeout,
+        )
     }
 
     /// The delivery outcomes since the last call.

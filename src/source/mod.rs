@@ -8,7 +8,9 @@
 pub mod global;
 pub mod partitioner;
 
-use std::time::Duration;
+use std::ffi::c_void;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -183,7 +185,7 @@ pub fn position<C: rdkafka::consumer::ConsumerContext>(
     }
 }
 
-/// A reference to one of a consumer's librdkafka queues, for its length.
+/// A reference to one of a client's librdkafka queues, for its length.
 ///
 /// - [`QueueLength::consumer`]: the consumer's own queue: events (rebalances, errors,
 ///   statistics) and the records of partitions whose queue is not split off. `poll` with
@@ -191,22 +193,34 @@ pub fn position<C: rdkafka::consumer::ConsumerContext>(
 ///   length is how the caller knows the queue is drained.
 /// - [`QueueLength::partition`]: a partition's fetch queue: what a split partition queue
 ///   holds (records, and transaction markers, which `poll` serves and returns `None` for).
-pub struct QueueLength(std::ptr::NonNull<rdkafka::bindings::rd_kafka_queue_t>);
+/// - [`QueueLength::main`]: a producer's queue of delivery reports and errors, with a
+///   [`Wake`] for when it turns non-empty.
+pub struct QueueLength {
+    queue: std::ptr::NonNull<rdkafka::bindings::rd_kafka_queue_t>,
+    /// Notified by librdkafka when the queue turns non-empty; kept here as long as the
+    /// callback that points at it is registered.
+    wake: Option<Arc<Wake>>,
+}
 
-// SAFETY: librdkafka queues are thread-safe; the reference is only read and released.
+// SAFETY: librdkafka queues are thread-safe; the reference is only read and released, and
+// the callback's `Wake` is itself `Send + Sync`.
 unsafe impl Send for QueueLength {}
+unsafe impl Sync for QueueLength {}
 
 impl QueueLength {
+    fn new(queue: *mut rdkafka::bindings::rd_kafka_queue_t) -> Option<QueueLength> {
+        std::ptr::NonNull::new(queue).map(|queue| QueueLength { queue, wake: None })
+    }
+
     /// The consumer's queue; `None` for a consumer without a group.
     pub fn consumer<C: rdkafka::consumer::ConsumerContext>(
         consumer: &impl Consumer<C>,
     ) -> Option<QueueLength> {
         // SAFETY: the client pointer is valid for the consumer's lifetime; the queue
         // returned is a new reference (or null without a group), released in `drop`.
-        let queue = unsafe {
+        QueueLength::new(unsafe {
             rdkafka::bindings::rd_kafka_queue_get_consumer(consumer.client().native_ptr())
-        };
-        std::ptr::NonNull::new(queue).map(QueueLength)
+        })
     }
 
     /// `topic`'s partition `partition`; `None` when librdkafka has no queue for it.
@@ -218,26 +232,101 @@ impl QueueLength {
         let topic = std::ffi::CString::new(topic).ok()?;
         // SAFETY: the client pointer is valid for the consumer's lifetime and `topic` for the
         // call; the queue returned is a new reference, released in `drop`.
-        let queue = unsafe {
+        QueueLength::new(unsafe {
             rdkafka::bindings::rd_kafka_queue_get_partition(
                 consumer.client().native_ptr(),
                 topic.as_ptr(),
                 partition,
             )
+        })
+    }
+
+    /// The client's main queue (a producer's delivery reports), notifying `wake` whenever it
+    /// turns non-empty (on librdkafka's threads). Must be dropped before the client.
+    pub fn main<C: rdkafka::ClientContext>(
+        client: &rdkafka::client::Client<C>,
+        wake: Arc<Wake>,
+    ) -> Option<QueueLength> {
+        unsafe extern "C" fn nonempty(_: *mut rdkafka::bindings::rd_kafka_t, wake: *mut c_void) {
+            // SAFETY: `wake` is the `Arc<Wake>` the queue holds while this is registered.
+            unsafe { &*(wake as *const Wake) }.notify();
+        }
+        // SAFETY: the client pointer is valid for the client's lifetime; the queue returned
+        // is a new reference, released in `drop`.
+        let mut q = QueueLength::new(unsafe {
+            rdkafka::bindings::rd_kafka_queue_get_main(client.native_ptr())
+        })?;
+        // SAFETY: the pointer stays valid while registered: `drop` unregisters the callback
+        // before the `Arc` goes.
+        unsafe {
+            rdkafka::bindings::rd_kafka_queue_cb_event_enable(
+                q.queue.as_ptr(),
+                Some(nonempty),
+                Arc::as_ptr(&wake) as *mut c_void,
+            )
         };
-        std::ptr::NonNull::new(queue).map(QueueLength)
+        q.wake = Some(wake);
+        Some(q)
     }
 
     pub fn get(&self) -> usize {
         // SAFETY: the reference is held until `drop`.
-        unsafe { rdkafka::bindings::rd_kafka_queue_length(self.0.as_ptr()) }
+        unsafe { rdkafka::bindings::rd_kafka_queue_length(self.queue.as_ptr()) }
     }
 }
 
 impl Drop for QueueLength {
     fn drop(&mut self) {
-        // SAFETY: releases the reference taken at construction, once.
-        unsafe { rdkafka::bindings::rd_kafka_queue_destroy(self.0.as_ptr()) }
+        // SAFETY: unregisters the callback (under the queue's lock, so none runs after it),
+        // then releases the reference taken at construction, once.
+        unsafe {
+            if self.wake.is_some() {
+                rdkafka::bindings::rd_kafka_queue_cb_event_enable(
+                    self.queue.as_ptr(),
+                    None,
+                    std::ptr::null_mut(),
+                );
+            }
+            rdkafka::bindings::rd_kafka_queue_destroy(self.queue.as_ptr())
+        }
+    }
+}
+
+/// Wakes a waiting thread when a librdkafka queue turns non-empty: the consumer's (its own,
+/// or a partition's) for the pipeline's loop, a producer's delivery reports for a commit
+/// waiting for them. Notified on librdkafka's threads.
+#[derive(Default)]
+pub struct Wake {
+    woken: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Wake {
+    pub fn notify(&self) {
+        *self.woken.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_one();
+    }
+
+    /// Forgets earlier wake-ups: called before looking into the queues, so that whatever
+    /// arrives after the look wakes the next wait.
+    pub fn clear(&self) {
+        *self.woken.lock().unwrap_or_else(|e| e.into_inner()) = false;
+    }
+
+    /// Waits until woken since the last [`Wake::clear`], or until `until`.
+    pub fn wait_until(&self, until: Instant) {
+        let mut woken = self.woken.lock().unwrap_or_else(|e| e.into_inner());
+        while !*woken {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            woken = self
+                .cv
+                .wait_timeout(woken, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 }
 
