@@ -1,8 +1,6 @@
 //! JSON transactions: one object per message, the field names of `schemas/transaction.avsc`.
 //! `event_time` is RFC 3339 text or integer epoch milliseconds.
 
-use std::borrow::Cow;
-
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
@@ -65,18 +63,6 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Transaction, DecodeError> {
         customer_city_pop: w.customer_city_pop,
         features: w.features,
     })
-}
-
-/// The `customer_id` of a JSON object, the rest skipped (not decoded, not validated).
-pub(super) fn customer(bytes: &[u8]) -> Option<Cow<'_, str>> {
-    #[derive(Deserialize)]
-    struct Route<'a> {
-        #[serde(borrow)]
-        customer_id: Cow<'a, str>,
-    }
-    serde_json::from_slice::<Route>(bytes)
-        .ok()
-        .map(|r| r.customer_id)
 }
 
 pub(super) fn classify(e: serde_json::Error) -> DecodeError {

@@ -10,7 +10,6 @@ mod fuzz;
 mod json;
 mod records;
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -214,20 +213,6 @@ impl Decoder {
         records::decode_navigation(self.format, payload, self.max_bytes)
     }
 
-    /// The `customer_id` of a JSON record (a transaction or a navigation event), read
-    /// without decoding the rest, for routing it; `None` for Avro, a record over
-    /// `input.max-message-bytes`, or one whose customer cannot be read this way (the full
-    /// decode then says what is wrong).
-    pub fn customer<'a>(&self, payload: Option<&'a [u8]>) -> Option<Cow<'a, str>> {
-        let bytes = payload.filter(|b| b.len() <= self.max_bytes)?;
-        let json = match self.format {
-            InputFormat::Json => true,
-            InputFormat::Avro | InputFormat::ConfluentAvro => false,
-            InputFormat::Auto => bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{'),
-        };
-        json.then(|| json::customer(bytes)).flatten()
-    }
-
     /// Bytes → validated transaction. `None` payload (a tombstone) is an error too.
     pub fn decode(&self, payload: Option<&[u8]>) -> Result<Transaction, DecodeError> {
         let bytes = match payload {
@@ -366,44 +351,6 @@ mod tests {
         "customer_id":"c1","merchant_id":"m1","amount":12.5,"currency":"EUR",
         "card_id":"tok_1","email":"a@b.c","device_id":"d","ip":"10.0.0.1","channel":"web",
         "features":[1,2,3],"something_new":{"x":1}}"#;
-
-    #[test]
-    fn customer_is_read_as_the_full_decode_reads_it_or_not_at_all() {
-        let d = decoder(Requirements::default());
-        let peek = |v: &str| d.customer(Some(v.as_bytes())).map(Cow::into_owned);
-        assert_eq!(peek(GOOD).as_deref(), Some("c1"));
-        // Escapes are read as the full decode reads them.
-        let escaped = GOOD.replace(r#""c1""#, r#""c\u00e9\"1""#);
-        let full = d.decode(Some(escaped.as_bytes())).unwrap().customer_id;
-        assert_eq!(full, "c\u{e9}\"1");
-        assert_eq!(peek(&escaped), Some(full));
-        // Fields the full decode would reject are not looked at.
-        assert_eq!(
-            peek(r#"{"amount":"x","customer_id":"c2"}"#).as_deref(),
-            Some("c2")
-        );
-        for unreadable in [
-            r#"{"customer_id":7}"#,
-            r#"{"transaction_id":"t1"}"#,
-            r#"{"customer_id":"c1""#,
-            "not json",
-        ] {
-            assert_eq!(peek(unreadable), None, "{unreadable}");
-        }
-        assert_eq!(d.customer(None), None);
-        let small = InputSettings {
-            max_message_bytes: 10,
-            ..InputSettings::default()
-        };
-        let small = Decoder::new(&small, Requirements::default()).unwrap();
-        assert_eq!(small.customer(Some(GOOD.as_bytes())), None);
-        let avro = InputSettings {
-            format: InputFormat::Avro,
-            ..InputSettings::default()
-        };
-        let avro = Decoder::new(&avro, Requirements::default()).unwrap();
-        assert_eq!(avro.customer(Some(GOOD.as_bytes())), None);
-    }
 
     #[test]
     fn json_with_unknown_fields_decodes() {

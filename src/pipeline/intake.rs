@@ -116,38 +116,21 @@ pub fn accept(
     };
     let value = msg.payload().map(|v| &v[frame..]);
     let p = msg.partition();
-    let kind_name = if kind == NAV {
-        "navigation"
-    } else {
-        "transaction"
-    };
-    // A record bound for another partition is forwarded as it came and decoded there: here
-    // only its customer is read. Not for a forward, nor for a record whose key already puts
-    // it here (a producer keying by customer): that one is decoded at once.
-    let keyed_here = msg.key().is_some_and(|k| partition_for(k, partitions) == p);
-    let elsewhere = (input != REPARTITION && !keyed_here)
-        .then(|| decoder.customer(value))
-        .flatten()
-        .map(|c| (partition_for(c.as_bytes(), partitions), c))
-        .filter(|&(target, _)| target != p);
     let home = |customer: &str| {
         let target = partition_for(customer.as_bytes(), partitions);
         (input == REPARTITION || target == p)
             .then_some(())
             .ok_or(target)
     };
-    let forward = |customer: String, partition| Event::Forward {
-        kind: kind_name,
-        customer,
-        partition,
-    };
-    let event = if let Some((partition, customer)) = elsewhere {
-        forward(customer.into_owned(), partition)
-    } else if kind == NAV {
+    let event = if kind == NAV {
         match decoder.decode_navigation(value) {
             Ok(n) => match home(&n.customer_id) {
                 Ok(()) => Event::Nav(n),
-                Err(partition) => forward(n.customer_id, partition),
+                Err(partition) => Event::Forward {
+                    kind: "navigation",
+                    customer: n.customer_id,
+                    partition,
+                },
             },
             Err(e) => Event::Bad(e),
         }
@@ -155,7 +138,11 @@ pub fn accept(
         match decoder.decode(value) {
             Ok(tx) => match home(&tx.customer_id) {
                 Ok(()) => Event::Tx(Box::new(tx)),
-                Err(partition) => forward(tx.customer_id, partition),
+                Err(partition) => Event::Forward {
+                    kind: "transaction",
+                    customer: tx.customer_id,
+                    partition,
+                },
             },
             Err(e) => Event::Bad(e),
         }
@@ -312,49 +299,5 @@ pub fn take(r: KafkaResult<BorrowedMessage<'_>>, into: &mut Vec<OwnedMessage>) {
     match r {
         Ok(m) => into.push(m.detach()),
         Err(e) => tracing::warn!(error = %e, "Consumer error."),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use rdkafka::message::Timestamp;
-
-    use super::*;
-    use crate::config::InputSettings;
-    use crate::decode::Requirements;
-
-    fn accept_json(key: Option<&str>, partition: i32, value: &str) -> Event {
-        let decoder = Decoder::new(&InputSettings::default(), Requirements::default()).unwrap();
-        let msg = OwnedMessage::new(
-            Some(value.as_bytes().to_vec()),
-            key.map(|k| k.as_bytes().to_vec()),
-            "transactions".into(),
-            Timestamp::CreateTime(1),
-            partition,
-            7,
-            None,
-        );
-        accept(&decoder, TX, 4, msg, Instant::now()).item.event
-    }
-
-    #[test]
-    fn a_record_bound_elsewhere_is_forwarded_undecoded_and_one_at_home_decoded() {
-        let home = partition_for(b"c1", 4);
-        let away = (home + 1) % 4;
-        let bad = r#"{"transaction_id":"t1","event_time":1,"customer_id":"c1","merchant_id":"m","amount":"ten","currency":"EUR"}"#;
-        let good = bad.replace(r#""ten""#, "10");
-        // Bound elsewhere: forwarded as it came; its owner decodes it (and dead-letters it).
-        assert!(matches!(
-            accept_json(None, away, bad),
-            Event::Forward { kind: "transaction", ref customer, partition } if customer == "c1" && partition == home
-        ));
-        // At home: decoded here.
-        assert!(matches!(accept_json(None, home, bad), Event::Bad(_)));
-        assert!(matches!(accept_json(Some("c1"), home, &good), Event::Tx(_)));
-        // No customer to read: decoded here, and the error says why.
-        assert!(matches!(
-            accept_json(None, away, "{\"amount\":1"),
-            Event::Bad(_)
-        ));
     }
 }
