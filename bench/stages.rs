@@ -53,6 +53,14 @@ fn decode(c: &mut Criterion) {
     g.bench_function("avro", |b| {
         b.iter(|| decoder.decode(Some(black_box(&avro[..]))).unwrap())
     });
+    let nav = r#"{"event_id":"ev-44767","event_time":1793490973900,"customer_id":"cust-388","session_id":"s-44766","kind":"page_view","device_id":"dev-388","ip":"10.0.1.132"}"#;
+    g.bench_function("navigation json", |b| {
+        b.iter(|| {
+            decoder
+                .decode_navigation(Some(black_box(nav.as_bytes())))
+                .unwrap()
+        })
+    });
     g.finish();
 }
 
