@@ -98,6 +98,9 @@ pub fn explain_permanent(topic: &str, e: &KafkaError) -> String {
     format!("cannot produce to topic `{topic}` ({e}); {what}. Stopping: retrying cannot succeed, and the records not written are not committed, so nothing is lost")
 }
 
+/// The longest a wait for delivery reports sleeps before it looks again ([`Sink::flush`]).
+const REPORT_WAIT_SLICE: Duration = Duration::from_millis(5);
+
 pub struct SinkContext {
     changelog: String,
     deliveries: Arc<Mutex<Deliveries>>,
@@ -297,10 +300,12 @@ impl Sink {
         self.serve_until(|| self.producer.in_flight_count() == 0, timeout)
     }
 
-    /// Serves delivery reports as they come in until `done`, asleep in between (rdkafka's
-    /// `poll` with a timeout spins through its last millisecond: its waits are whole
-    /// milliseconds). Either thread may call it, one at a time (librdkafka's polls are
-    /// thread-safe; one thread waits).
+    /// Serves delivery reports as they come in until `done`, asleep in between: the queue
+    /// wakes the wait when a report arrives. (rdkafka's `poll(timeout)` asks librdkafka for
+    /// whole milliseconds and loops until its deadline: `poll(1 ms)` spins for the
+    /// millisecond.) The wait is in slices of [`REPORT_WAIT_SLICE`], so that `done` is looked
+    /// at again even if what it waits for ended without a report. One thread waits at a
+    /// time; the other may serve reports meanwhile (librdkafka's polls are thread-safe).
     fn serve_until(&self, done: impl Fn() -> bool, timeout: Duration) -> Result<(), KafkaError> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -312,10 +317,12 @@ impl Sink {
             if done() {
                 return Ok(());
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
             }
-            self.reports_in.wait_until(deadline);
+            self.reports_in
+                .wait_until(deadline.min(now + REPORT_WAIT_SLICE));
         }
     }
 
