@@ -1,7 +1,8 @@
 //! The producers of verdicts, dead letters, repartitioned records and changelog records.
 //!
 //! A [`Sink`] wraps a librdkafka producer whose delivery reports are served by the
-//! pipeline's thread (each send polls, and a flush or commit serves them all): it remembers
+//! pipeline's threads (one a batch, and all of them by a wait for acknowledgements, which
+//! sleeps until the producer's queue has some): it remembers
 //! the offset of the last changelog record acknowledged per partition (the checkpoint the
 //! store is written with after a commit) and counts failed deliveries. The transaction
 //! protocol around it (begin, offsets, commit, abort) is the pipeline's commit.
@@ -98,7 +99,8 @@ pub fn explain_permanent(topic: &str, e: &KafkaError) -> String {
     format!("cannot produce to topic `{topic}` ({e}); {what}. Stopping: retrying cannot succeed, and the records not written are not committed, so nothing is lost")
 }
 
-/// The longest a wait for delivery reports sleeps before it looks again ([`Sink::flush`]).
+/// The longest a wait for delivery reports ([`Sink::flush`], [`Sink::wait_acknowledged`])
+/// sleeps before it looks again.
 const REPORT_WAIT_SLICE: Duration = Duration::from_millis(5);
 
 pub struct SinkContext {
