@@ -58,6 +58,11 @@ impl Record {
     }
 }
 
+/// The longest [`frame`] line [`unframe`] looks for, its newline included (the longest
+/// written, `navigation -2147483648 -9223372036854775808`, is 44 bytes;
+/// docs/configuration.md promises 64).
+const MAX_FRAME_LINE: usize = 64;
+
 /// A forwarded record's value: a line `<kind> <partition> <offset>`, what it is
 /// (`transaction` or `navigation`) and where it was read, then the original value. In the
 /// value, not in a header: each header is an allocation to build, parse, copy and free on
@@ -77,7 +82,7 @@ pub(super) fn unframe(value: Option<&[u8]>) -> (usize, Option<(SourcePartition, 
     let value = value.unwrap_or_default();
     let line = value
         .iter()
-        .take(64)
+        .take(MAX_FRAME_LINE)
         .position(|&b| b == b'\n')
         .and_then(|end| Some((std::str::from_utf8(&value[..end]).ok()?, end + 1)));
     let parsed = line.and_then(|(line, len)| {
