@@ -177,6 +177,9 @@ pub fn producer() -> FutureProducer {
         .set("linger.ms", "5")
         // As the Java client: the scorer's repartition stage re-keys with murmur2 too.
         .set("partitioner", "murmur2_random")
+        // Tests compare with an order they produced: a retried batch must not land behind
+        // later ones, nor twice (librdkafka's default retries without sequence numbers).
+        .set("enable.idempotence", "true")
         .create()
         .expect("producer")
 }
@@ -333,8 +336,17 @@ pub async fn send_all_to(
             }
         }
     }
-    for f in futures {
-        f.await.expect("delivery").map_err(|(e, _)| e).expect("ack");
+    // Each partition holds its records in the order sent: a test's expectations follow it.
+    let mut last: std::collections::HashMap<i32, i64> = Default::default();
+    for (i, f) in futures.into_iter().enumerate() {
+        let d = f.await.expect("delivery").map_err(|(e, _)| e).expect("ack");
+        let before = last.insert(d.partition, d.offset);
+        assert!(
+            before.is_none_or(|b| b < d.offset),
+            "record {i} landed at offset {} of partition {}, behind {before:?}",
+            d.offset,
+            d.partition
+        );
     }
 }
 
