@@ -380,7 +380,9 @@ async fn a_restore_larger_than_memory_stays_in_the_group() {
     assert!(
         reader
             .read_until(Duration::from_secs(60), |m| m.len() >= 3)
-            .await
+            .await,
+        "the probes were not scored:\n{}",
+        scorer.log_text()
     );
     let v: HashMap<_, _> = verdicts_by_id(&reader.messages);
     for i in 0..3 {

@@ -51,7 +51,7 @@ use crate::model::runner::Runner;
 use crate::model::{self, Model};
 use crate::source::global::GlobalReader;
 use crate::source::{self, Wake};
-use crate::state::store::{ENTITY_TTL_MS, EXPIRY_GRACE_MS};
+use crate::state::store::{ScanCursor, ENTITY_TTL_MS, EXPIRY_GRACE_MS};
 use crate::state::{Hasher, StateBatch, Store};
 use crate::telemetry::{self, Readiness, WorkerReadiness};
 
@@ -68,8 +68,10 @@ const WATERMARK_TTL: Duration = Duration::from_millis(20);
 /// first scan is at its first commit).
 const EXPIRY_EVERY_MS: i64 = 3_600_000;
 
-/// Entities one expiry scan removes at most (the rest wait for the next commit).
-const EXPIRY_LIMIT: usize = 10_000;
+/// Entities the expiry scans look at per commit, over all partitions: a scan of a large
+/// partition goes on over several commits instead of holding up the poll loop (400,000
+/// entities took 12 s in a debug build on a loaded machine, past `max.poll.interval.ms`).
+const EXPIRY_SCAN_BUDGET: usize = 10_000;
 
 /// Fatal producer errors in a row after which the instance gives up (a new producer is
 /// made after each: it fences the old one and aborts its transaction).
@@ -442,6 +444,7 @@ fn worker(
         assigned: BTreeSet::new(),
         stream_time: HashMap::new(),
         scanned_at: HashMap::new(),
+        scans: HashMap::new(),
         next_offset: HashMap::new(),
         committed: HashMap::new(),
         watermarks: HashMap::new(),
@@ -627,8 +630,10 @@ pub struct Core {
     assigned: BTreeSet<i32>,
     /// Committed stream time per partition.
     stream_time: HashMap<i32, i64>,
-    /// Stream time of a partition's last expiry scan.
+    /// Stream time at the end of a partition's last expiry scan.
     scanned_at: HashMap<i32, i64>,
+    /// Expiry scans under way: where each goes on at the next commit.
+    scans: HashMap<i32, ScanCursor>,
     /// Next offset to arrive per (input, partition): the last delivered + 1, or where the
     /// partition resumed.
     next_offset: HashMap<(usize, i32), i64>,
@@ -963,6 +968,7 @@ impl Core {
         self.state.drop_partition(p);
         self.stream_time.remove(&p);
         self.scanned_at.remove(&p);
+        self.scans.remove(&p);
         for i in 0..INPUTS {
             self.next_offset.remove(&(i, p));
             self.committed.remove(&(i, p));
@@ -974,7 +980,8 @@ impl Core {
 
     /// Expiry: entities idle, by their own partition's stream time, for longer than the TTL
     /// and the grace for late events are deleted, with a changelog tombstone each. Scans a
-    /// partition once its stream time has moved [`EXPIRY_EVERY_MS`] since the last scan.
+    /// partition once its stream time has moved [`EXPIRY_EVERY_MS`] since the last scan
+    /// ended (the first at its first commit), [`EXPIRY_SCAN_BUDGET`] entities per commit.
     fn expire(&mut self) {
         let moved: Vec<(i32, i64)> = self
             .state
@@ -982,10 +989,14 @@ impl Core {
             .iter()
             .map(|(&p, &t)| (p, t))
             .collect();
+        let mut budget = EXPIRY_SCAN_BUDGET;
         for (p, t) in moved {
-            // Scanned at the first commit after the partition came, then as time moves.
+            if budget == 0 {
+                break;
+            }
             let last = self.scanned_at.get(&p).copied();
-            if last.is_some_and(|last| t.saturating_sub(last) < EXPIRY_EVERY_MS) {
+            let due = last.is_none_or(|last| t.saturating_sub(last) >= EXPIRY_EVERY_MS);
+            if !due && !self.scans.contains_key(&p) {
                 continue;
             }
             let cutoff = t.saturating_sub(ENTITY_TTL_MS + EXPIRY_GRACE_MS);
@@ -993,11 +1004,13 @@ impl Core {
             if n > 0 {
                 metrics::counter!(telemetry::EXPIRED).increment(n as u64);
             }
-            match self.store.idle(p, cutoff, EXPIRY_LIMIT) {
-                Ok(idle) => {
+            let cursor = self.scans.entry(p).or_default();
+            let mut idle = Vec::new();
+            match self.store.idle(p, cutoff, cursor, &mut budget, &mut idle) {
+                Ok(done) => {
                     // What the open transaction holds now is live (the idle ones of it were
                     // expired above).
-                    let done: std::collections::HashSet<crate::state::Key> =
+                    let expired: std::collections::HashSet<crate::state::Key> =
                         self.state.expired.iter().map(|(_, k)| *k).collect();
                     let mut n = 0u64;
                     for (kind, key) in idle {
@@ -1012,7 +1025,7 @@ impl Core {
                                 self.state.sessions.contains_key(&key)
                             }
                         };
-                        if held || done.contains(&key) {
+                        if held || expired.contains(&key) {
                             continue;
                         }
                         self.state.expired.push((kind, key));
@@ -1026,14 +1039,16 @@ impl Core {
                         stream_time = t,
                         cutoff,
                         expired = n,
+                        done,
                         "Expiry scan."
                     );
-                    if (n as usize) < EXPIRY_LIMIT {
+                    if done {
+                        self.scans.remove(&p);
                         self.scanned_at.insert(p, t);
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(partition = p, error = %e, "Expiry scan failed; retrying at the next commit.")
+                    tracing::warn!(partition = p, error = %e, "Expiry scan failed; going on at the next commit.")
                 }
             }
         }

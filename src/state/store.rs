@@ -797,37 +797,53 @@ impl Store {
         Ok(())
     }
 
-    /// The entities of `partition` last seen before `cutoff` (event time, ms), at most `limit`
-    /// of them: what expiry deletes. Scans the partition's key range.
+    /// Goes on with an expiry scan of `partition`: looks at up to `*budget` entities from
+    /// `cursor` (taking what it looks at off the budget) and appends those last seen before
+    /// `cutoff` (event time, ms) to `idle`. Returns whether the scan reached the partition's
+    /// end; if not, `cursor` says where the next call goes on. A scan in slices keeps a
+    /// partition of millions of entities from holding up the caller's poll loop.
     pub fn idle(
         &self,
         partition: i32,
         cutoff: i64,
-        limit: usize,
-    ) -> Result<Vec<(EntityKind, Key)>, StateError> {
+        cursor: &mut ScanCursor,
+        budget: &mut usize,
+        idle: &mut Vec<(EntityKind, Key)>,
+    ) -> Result<bool, StateError> {
         let (from, to) = keys::partition_range(partition);
-        let mut out = Vec::new();
-        for kind in EntityKind::ALL {
+        while let Some(&kind) = EntityKind::ALL.get(cursor.kind) {
+            if *budget == 0 {
+                return Ok(false);
+            }
+            // The smallest key after the last one looked at is that key with a 0 byte more.
+            let start = match &cursor.after {
+                Some(k) => [k, &[0u8][..]].concat(),
+                None => from.to_vec(),
+            };
             let mut ro = rocksdb::ReadOptions::default();
             ro.set_iterate_upper_bound(to.to_vec());
             let iter = self.db.iterator_cf_opt(
                 self.cf(kind.name()),
                 ro,
-                rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
+                rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
             );
             for item in iter {
                 let (k, v) = item?;
+                *budget -= 1;
                 if last_event_ms(kind, &v).is_some_and(|t| t < cutoff) {
                     if let Ok(key) = Key::try_from(&k[..]) {
-                        out.push((kind, key));
-                        if out.len() >= limit {
-                            return Ok(out);
-                        }
+                        idle.push((kind, key));
                     }
                 }
+                if *budget == 0 {
+                    cursor.after = Some(k);
+                    return Ok(false);
+                }
             }
+            cursor.kind += 1;
+            cursor.after = None;
         }
-        Ok(out)
+        Ok(true)
     }
 
     /// Entities and their key + value bytes (uncompressed), per kind: the
@@ -848,6 +864,14 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Where an expiry scan of a partition goes on: the entity kind (its index in
+/// [`EntityKind::ALL`]) and the last key looked at in it. The default is the beginning.
+#[derive(Debug, Default)]
+pub struct ScanCursor {
+    kind: usize,
+    after: Option<Box<[u8]>>,
 }
 
 /// The online pipeline's entities come from here when not in the uncommitted batch.
@@ -1060,14 +1084,27 @@ mod tests {
         let committed: Vec<_> = batch.changelog_records().collect();
         let source = Store::open(&a, DEFAULT_CACHE_BYTES).unwrap();
         source.commit(&mut batch, &BTreeMap::new(), 0).unwrap();
-        assert_eq!(
-            source.idle(1, 5_000, 100).unwrap(),
-            vec![(EntityKind::Customer, old)]
-        );
-        assert_eq!(
-            source.idle(2, 5_000, 100).unwrap(),
-            vec![(EntityKind::Customer, other)]
-        );
+        let idle = |partition, budget| {
+            let mut found = Vec::new();
+            let mut cursor = ScanCursor::default();
+            let mut slices = 0;
+            loop {
+                slices += 1;
+                let mut left = budget;
+                if source
+                    .idle(partition, 5_000, &mut cursor, &mut left, &mut found)
+                    .unwrap()
+                {
+                    return (found, slices);
+                }
+                assert_eq!(left, 0, "a slice stops only when its budget is spent");
+            }
+        };
+        assert_eq!(idle(1, 100), (vec![(EntityKind::Customer, old)], 1));
+        assert_eq!(idle(2, 100), (vec![(EntityKind::Customer, other)], 1));
+        // A scan one entity at a time goes on where it stopped and finds the same: partition
+        // 1 holds two customers and a stream time, which is no entity.
+        assert_eq!(idle(1, 1), (vec![(EntityKind::Customer, old)], 3));
 
         // Partition 1 through its changelog records, then a tombstone for the idle one.
         let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = committed
