@@ -187,8 +187,10 @@ def create_topics(args, names):
 
 def produce_input(args, topics):
     """N transactions, and a page view 50 ms before each purchase of a keyed customer."""
+    # Idempotent: a retried batch is neither written twice (a transaction with two verdicts)
+    # nor behind later ones.
     p = Producer({"bootstrap.servers": args.bootstrap, "linger.ms": 20, "partitioner": "murmur2_random",
-                  "queue.buffering.max.messages": 1_000_000})
+                  "queue.buffering.max.messages": 1_000_000, "enable.idempotence": True})
     n, parts = args.transactions, args.partitions
     customers = max(60, n // 50)
     homes = [home(f"c{k}", parts) for k in range(customers)]

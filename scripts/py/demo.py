@@ -127,7 +127,8 @@ def main():
     reader = threading.Thread(target=read, daemon=True)
     # murmur2 of the key, as the Java client: each transaction lands on its customer's
     # partition, so fraudstream scores it there without a hop through the repartition topic.
-    producer = Producer({"bootstrap.servers": args.bootstrap, "linger.ms": 5, "partitioner": "murmur2_random"})
+    producer = Producer({"bootstrap.servers": args.bootstrap, "linger.ms": 5, "partitioner": "murmur2_random",
+                         "enable.idempotence": True})
     sent_at = {}
     labels = {}
     total = len(sample) * args.repeat

@@ -56,6 +56,8 @@ def main():
         "client.id": "fraudstream-replay",
         "partitioner": "murmur2_random",
         "linger.ms": 5,
+        # A customer's events keep their order through retries: features follow it.
+        "enable.idempotence": True,
     })
     # `docker compose stop` sends SIGTERM: stop sending, flush, exit. A flag, not an exception:
     # one raised inside the client's poll() would not unwind cleanly.
