@@ -91,7 +91,9 @@ class StreamsPeer:
             [self.args.peer_run, "--bootstrap", self.args.bootstrap, "--guarantee", self.guarantee,
              "--transactions", self.topics["transactions"], "--navigation", self.topics["navigation"],
              "--verdicts", self.topics["verdicts"], "--dead-letter", self.topics["dlq"],
-             "--application-id", self.run, "--state-dir", self.state],
+             "--application-id", self.run, "--state-dir", self.state,
+             # fraudstream's default for the guarantee (processing.commit-interval-ms).
+             "--commit-interval-ms", "1000" if self.guarantee == "at_least_once" else "100"],
             env=env, stdout=subprocess.DEVNULL, stderr=self.log, cwd=REPO)
         # Ready when Kafka Streams reports RUNNING (App logs each state change), as fraudstream
         # is when /readyz answers: partitions assigned, stores restored.

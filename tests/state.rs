@@ -252,6 +252,9 @@ async fn at_least_once_applies_a_record_forwarded_twice_once() {
             AUDIT,
             ALO,
             ("FRAUDSTREAM__BATCH__MAX_RECORDS", "50"),
+            // Its third commit comes before the stream's end (at-least-once commits every
+            // second by default).
+            ("FRAUDSTREAM__PROCESSING__COMMIT_INTERVAL_MS", "100"),
             ("FRAUDSTREAM_TEST_CRASH", "before-offsets:3"),
         ],
     );
