@@ -1097,7 +1097,10 @@ mod tests {
             let s = load_str(text, env).unwrap();
             let printed: toml::Table = toml::from_str(&toml::to_string(&s).unwrap()).unwrap();
             let shown = printed["processing"]["commit-interval-ms"].as_integer();
-            assert_eq!(shown, Some(s.processing.commit_interval().as_millis() as i64));
+            assert_eq!(
+                shown,
+                Some(s.processing.commit_interval().as_millis() as i64)
+            );
             s.processing.commit_interval().as_millis()
         };
         assert_eq!(interval("", &[]), 100);
